@@ -45,6 +45,8 @@ def describe(value: Any) -> str:
         return repr(value)
     if isinstance(value, Mapping):
         return f"{type(value).__name__} with keys {sorted(map(str, value))!r}"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__} of length {len(value)}"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 

@@ -46,6 +46,8 @@ def _foreach_ok(tensors: Sequence[Tensor]) -> bool:
     """Whether the ``torch._foreach_*`` fast path may be used for these tensors."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
+    if torch.compiler.is_compiling():  # inductor lowers foreach ops; dynamo can't trace the probe
+        return True
     return not any(_is_wrapped(t) for t in tensors)
 
 
