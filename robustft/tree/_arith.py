@@ -217,7 +217,7 @@ def copy_(dst: Mapping[str, Tensor], src: Mapping[str, Tensor]) -> Mapping[str, 
     return dst
 
 
-def _stack_sum(values: list[Tensor], like: Mapping[str, Tensor]) -> Tensor:
+def _stack_sum(values: list[Tensor]) -> Tensor:
     if not values:
         return torch.zeros((), dtype=torch.float32)
     device = values[0].device
@@ -246,7 +246,7 @@ def sq_norm(tree: Mapping[str, Tensor], *, per_tensor: bool = False) -> Any:
     squares = {k: n * n for k, n in norms.items()}
     if per_tensor:
         return squares
-    return _stack_sum(list(squares.values()), tree)
+    return _stack_sum(list(squares.values()))
 
 
 def _norms(tree: Mapping[str, Tensor], fn: str) -> dict[str, Tensor]:
@@ -302,4 +302,4 @@ def dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
     for k in a:
         acc = accumulation_dtype(a[k].dtype)
         terms.append(torch.sum(a[k].to(acc) * b[k].to(acc)))
-    return _stack_sum(terms, a)
+    return _stack_sum(terms)

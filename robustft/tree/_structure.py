@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -250,7 +249,3 @@ def from_module(
                 raise ValueError(f"tree.from_module: name {k!r} is both a parameter and a buffer")
             out[k] = b
     return out
-
-
-# keep the builtin reachable inside this module despite the public ``map`` above
-_builtin_map = builtins.map
