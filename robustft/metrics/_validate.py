@@ -1,0 +1,120 @@
+"""Argument checks shared by the metrics.
+
+Metrics are eager evaluation code, so unlike the losses they may read tensor values to reject
+inputs that would otherwise give a silently wrong number or a NaN (unknown labels where only known
+classes make sense, NaN scores, an evaluation set without negatives).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from robustft._checks import check_floating, check_labels, check_number, check_tensor, describe
+from robustft.tree import accumulation_dtype
+from robustft.typing import Scalar
+
+__all__ = [
+    "check_binary_targets",
+    "check_known_labels",
+    "check_logits_labels",
+    "check_no_nan",
+    "check_scores",
+    "check_threshold",
+    "metric_dtype",
+]
+
+
+def metric_dtype(x: Tensor) -> torch.dtype:
+    """Metrics compute in at least float32 (float64 stays float64)."""
+    return accumulation_dtype(x.dtype)
+
+
+def check_logits_labels(fn: str, logits: Tensor, labels: Tensor) -> tuple[int, int]:
+    """``logits`` ``[batch, classes]`` floating, ``labels`` ``[batch]`` integer, batch >= 1."""
+    check_floating(fn, "logits", logits, ndim=2)
+    check_labels(fn, "labels", labels, batch=logits.shape[0])
+    batch, classes = logits.shape
+    if batch == 0 or classes == 0:
+        raise ValueError(
+            f"{fn}: logits must have shape [batch, classes] with batch >= 1 and classes >= 1, "
+            f"got shape {tuple(logits.shape)}"
+        )
+    return batch, classes
+
+
+def check_known_labels(fn: str, labels: Tensor, classes: int) -> None:
+    """Every label must be a known class in ``[0, classes)``: no silent 'wrong' for unknowns."""
+    outside = (labels < 0) | (labels >= classes)
+    if bool(outside.any()):
+        count = int(outside.sum())
+        example = int(labels[outside][0])
+        raise ValueError(
+            f"{fn}: labels must be known classes in [0, {classes}), got {count} label(s) outside "
+            f"it (e.g. {example}); unknown-class samples have no correct prediction: keep the "
+            f"known-class samples (0 <= labels < {classes}) or use metrics.open_set / "
+            f"metrics.Evaluation, which separate them"
+        )
+
+
+def check_no_nan(fn: str, name: str, x: Tensor) -> None:
+    """Reject NaN values (they have no place in an ordering or a threshold comparison)."""
+    if bool(torch.isnan(x).any()):
+        raise ValueError(f"{fn}: {name} must not contain NaN, got {int(torch.isnan(x).sum())} NaN")
+
+
+def check_scores(fn: str, scores: Tensor, batch: int | None = None) -> Tensor:
+    """``scores`` ``[batch]`` floating without NaN (±inf allowed: they still order)."""
+    check_floating(fn, "scores", scores, ndim=1)
+    if batch is not None and scores.shape[0] != batch:
+        raise ValueError(
+            f"{fn}: scores must have length {batch} (the batch size), got shape "
+            f"{tuple(scores.shape)}"
+        )
+    check_no_nan(fn, "scores", scores)
+    return scores
+
+
+def check_binary_targets(fn: str, scores: Tensor, is_positive: Tensor) -> tuple[Tensor, int, int]:
+    """``scores`` ``[n]`` and ``is_positive`` ``[n]`` (bool, or integers in {0, 1}).
+
+    Returns the boolean mask and the numbers of positives and negatives, both >= 1.
+    """
+    check_scores(fn, scores)
+    check_tensor(fn, "is_positive", is_positive)
+    if is_positive.is_floating_point() or is_positive.is_complex():
+        raise TypeError(
+            f"{fn}: is_positive must be a bool tensor (or integers in {{0, 1}}), got dtype "
+            f"{is_positive.dtype}"
+        )
+    if is_positive.shape != scores.shape:
+        raise ValueError(
+            f"{fn}: is_positive must have the shape of scores {tuple(scores.shape)}, got shape "
+            f"{tuple(is_positive.shape)}"
+        )
+    if is_positive.dtype != torch.bool:
+        if bool(((is_positive != 0) & (is_positive != 1)).any()):
+            raise ValueError(f"{fn}: is_positive must contain only 0 and 1 (or be a bool tensor)")
+        is_positive = is_positive != 0
+    positives = int(is_positive.sum())
+    negatives = int(is_positive.numel()) - positives
+    if positives == 0 or negatives == 0:
+        raise ValueError(
+            f"{fn}: is_positive must contain at least one positive and one negative sample, got "
+            f"{positives} positive(s) and {negatives} negative(s); the metric is undefined (0/0)"
+        )
+    return is_positive, positives, negatives
+
+
+def check_threshold(fn: str, threshold: Scalar) -> Scalar:
+    """A threshold is a real number or a 0-d floating tensor, never NaN (±inf allowed)."""
+    if isinstance(threshold, Tensor):
+        if threshold.ndim != 0 or not threshold.is_floating_point():
+            raise TypeError(
+                f"{fn}: threshold must be a real number or a 0-d floating tensor, got "
+                f"{describe(threshold)}"
+            )
+        if bool(torch.isnan(threshold)):
+            raise ValueError(f"{fn}: threshold must not be NaN, got {threshold}")
+        return threshold
+    return check_number(fn, "threshold", threshold)

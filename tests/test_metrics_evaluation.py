@@ -1,0 +1,237 @@
+"""robustft.metrics.Evaluation: streaming equals one-shot, distributed equals single-process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from _dist import run_distributed
+from torch import Tensor
+
+from robustft import scores
+from robustft.metrics import (
+    Evaluation,
+    EvaluationResult,
+    accuracy,
+    auroc,
+    ece,
+    fpr_at_tpr,
+    nll,
+    open_set,
+)
+
+SIZES = [1, 7, 3, 12, 2, 9]  # uneven batches
+
+
+def _data(n: int = sum(SIZES), classes: int = 4, seed: int = 0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, classes, generator=g) * 2
+    y = torch.randint(0, classes, (n,), generator=g)
+    unknown = torch.rand(n, generator=g) < 0.3
+    y = torch.where(unknown, torch.full_like(y, -1), y)
+    y[0], y[1] = 0, classes + 1  # both kinds present; a label >= C is unknown too
+    return z, y
+
+
+def _one_shot(z: Tensor, y: Tensor, s: Tensor, threshold: float) -> list[float]:
+    known = (y >= 0) & (y < z.shape[1])
+    zk, yk = z[known], y[known]
+    out = [accuracy(zk, yk), nll(zk, yk), ece(zk, yk), auroc(s, known), fpr_at_tpr(s, known)]
+    out += list(open_set(z, y, s, threshold=threshold))
+    return [float(v) for v in out]
+
+
+def _values(r: EvaluationResult) -> list[float]:
+    fields = (r.accuracy, r.nll, r.ece, r.auroc, r.fpr_at_tpr, r.os_star, r.unk, r.hos)
+    return [float(v) for v in fields]  # type: ignore[arg-type]
+
+
+def _stream(
+    ev: Evaluation, z: Tensor, y: Tensor, sizes: list[int], s: Tensor | None = None
+) -> None:
+    start = 0
+    for n in sizes:
+        part = slice(start, start + n)
+        ev.update(z[part], y[part], None if s is None else s[part])
+        start += n
+
+
+def test_five_line_loop_equals_one_shot() -> None:
+    z, y = _data()
+    ev = Evaluation(score="msp", threshold=0.6)
+    _stream(ev, z, y, SIZES)
+    r = ev.compute()
+    assert _values(r) == _one_shot(z, y, scores.msp(z), 0.6)  # exactly: same concatenation
+    known = int(((y >= 0) & (y < 4)).sum())
+    assert (r.num_known, r.num_unknown) == (known, len(y) - known)
+    assert ev.num_samples == len(y)
+
+
+@pytest.mark.parametrize("name", ["msp", "max_logit", "energy", "entropy_score"])
+def test_named_scores(name: str) -> None:
+    z, y = _data()
+    ev = Evaluation(score=name, threshold=0.0)
+    _stream(ev, z, y, SIZES)
+    r = ev.compute()
+    s = getattr(scores, name)(z)
+    assert float(r.auroc) == float(auroc(s, (y >= 0) & (y < 4)))  # type: ignore[arg-type]
+
+
+def test_user_scores_and_callable_score() -> None:
+    z, y = _data()
+    image, text = torch.randn(len(y), 8), torch.randn(4, 8)
+    s = scores.mcm(image, text)
+    given = Evaluation(threshold=0.3, tpr=0.9, num_bins=7)
+    _stream(given, z, y, SIZES, s)
+    r = given.compute()
+    known = (y >= 0) & (y < 4)
+    assert float(r.auroc) == float(auroc(s, known))  # type: ignore[arg-type]
+    assert float(r.fpr_at_tpr) == float(fpr_at_tpr(s, known, tpr=0.9))  # type: ignore[arg-type]
+    assert float(r.ece) == float(ece(z[known], y[known], num_bins=7))  # type: ignore[arg-type]
+    assert float(r.hos) == float(open_set(z, y, s, threshold=0.3).hos)  # type: ignore[arg-type]
+    hot = Evaluation(score=lambda logits: scores.energy(logits, temperature=3.0))
+    _stream(hot, z, y, SIZES)
+    want = auroc(scores.energy(z, temperature=3.0), known)
+    assert float(hot.compute().auroc) == float(want)  # type: ignore[arg-type]
+
+
+def test_undefined_metrics_are_none() -> None:
+    z, y = _data()
+    known = (y >= 0) & (y < 4)
+    only_known = Evaluation(threshold=0.5)
+    only_known.update(z[known], y[known])
+    r = only_known.compute()
+    assert r.accuracy is not None and r.auroc is None and r.fpr_at_tpr is None and r.hos is None
+    assert r.num_unknown == 0
+    no_threshold = Evaluation()
+    no_threshold.update(z, y)
+    r = no_threshold.compute()
+    assert r.auroc is not None and r.os_star is None and r.unk is None and r.hos is None
+    only_unknown = Evaluation(threshold=0.5)
+    only_unknown.update(z[~known], y[~known])
+    r = only_unknown.compute()
+    assert r.accuracy is None and r.nll is None and r.ece is None and r.auroc is None
+    assert (r.num_known, r.num_unknown) == (0, int((~known).sum()))
+
+
+def test_storage_detached_on_the_chosen_device_and_reset() -> None:
+    z, y = _data()
+    w = z.clone().requires_grad_(True)
+    ev = Evaluation(device=None)
+    ev.update(w.bfloat16(), y)  # bf16 kept as float32, no graph
+    r = ev.compute()
+    assert r.accuracy is not None and not r.accuracy.requires_grad
+    assert r.accuracy.dtype == torch.float32
+    known = (y >= 0) & (y < 4)
+    assert float(r.accuracy) == float(accuracy(z.bfloat16()[known], y[known]))
+    assert torch.equal(w.detach(), z)  # input untouched
+    ev.reset()
+    assert ev.num_samples == 0
+    with pytest.raises(ValueError, match=r"Evaluation.compute: no samples were collected"):
+        ev.compute()
+    ev64 = Evaluation(device="cpu")
+    ev64.update(z.double(), y)
+    assert ev64.compute().nll.dtype == torch.float64  # type: ignore[union-attr]
+
+
+def test_constructor_errors() -> None:
+    with pytest.raises(ValueError, match=r"Evaluation: score must be one of 'msp', 'max_logit'"):
+        Evaluation(score="maxlogit")
+    with pytest.raises(TypeError, match=r"Evaluation: score must be one of .* or a callable"):
+        Evaluation(score=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"Evaluation: threshold must not be NaN"):
+        Evaluation(threshold=float("nan"))
+    with pytest.raises(ValueError, match=r"Evaluation: threshold must not be NaN"):
+        Evaluation(threshold=torch.tensor(float("nan")))
+    with pytest.raises(ValueError, match=r"Evaluation: num_bins must be an int >= 1, got 0"):
+        Evaluation(num_bins=0)
+    for bad in (0.0, 1.01):
+        with pytest.raises(ValueError, match=r"Evaluation: tpr must be in \(0.0, 1.0\]"):
+            Evaluation(tpr=bad)
+    with pytest.raises(TypeError, match=r"Evaluation: device must be a torch.device"):
+        Evaluation(device=0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Evaluation("msp")  # type: ignore[misc]
+
+
+def test_update_errors() -> None:
+    z, y = _data()
+    ev = Evaluation()
+    with pytest.raises(TypeError, match=r"Evaluation.update: labels must be an integer tensor"):
+        ev.update(z, y.float())
+    with pytest.raises(ValueError, match=r"Evaluation.update: labels must have length"):
+        ev.update(z, y[:-1])
+    with pytest.raises(ValueError, match=r"Evaluation.update: logits must have 2 dimension"):
+        ev.update(z[0], y[:1])
+    ev.update(z[:5], y[:5])
+    with pytest.raises(ValueError, match=r"Evaluation.update: logits must have 4 classes like"):
+        ev.update(torch.randn(3, 5), y[:3])
+    with pytest.raises(ValueError, match=r"Evaluation.update: scores must be given for every"):
+        ev.update(z[:3], y[:3], torch.rand(3))
+    with pytest.raises(ValueError, match=r"Evaluation.update: the score function's output must"):
+        Evaluation(score=lambda logits: logits).update(z[:3], y[:3])
+    with_scores = Evaluation()
+    with pytest.raises(ValueError, match=r"Evaluation.update: scores must have shape \(3,\)"):
+        with_scores.update(z[:3], y[:3], torch.rand(4))
+    with pytest.raises(TypeError, match=r"Evaluation.update: scores must be a floating-point"):
+        with_scores.update(z[:3], y[:3], torch.arange(3))
+    assert with_scores.num_samples == 0  # failed updates store nothing
+    nan = Evaluation()
+    nan.update(z[:3], y[:3], torch.tensor([0.1, float("nan"), 0.3]))
+    with pytest.raises(ValueError, match=r"auroc: scores must not contain NaN"):
+        nan.compute()
+
+
+# ---------------------------------------------------------------------- two gloo processes
+
+RANK_SIZES = {0: [5, 8], 1: [3, 1, 4]}  # 13 and 8 samples: uneven ranks and batches
+
+
+def _dist_body(rank: int, world_size: int) -> dict[str, Any]:
+    z, y = _data(n=21)
+    offset = 0 if rank == 0 else sum(RANK_SIZES[0])
+    mine = slice(offset, offset + sum(RANK_SIZES[rank]))
+    out: dict[str, Any] = {}
+
+    ev = Evaluation(threshold=0.6, group=dist.group.WORLD)
+    _stream(ev, z[mine], y[mine], RANK_SIZES[rank])
+    r = ev.compute()
+    out["global"] = [*_values(r), r.num_known, r.num_unknown]
+
+    local = Evaluation(threshold=0.6)  # group=None: never communicates, even under dist
+    _stream(local, z[mine], y[mine], RANK_SIZES[rank])
+    out["local"] = local.compute().num_known + local.compute().num_unknown
+
+    lonely = Evaluation(threshold=0.6, group=dist.group.WORLD)  # rank 1 sees nothing
+    if rank == 0:
+        _stream(lonely, z[mine], y[mine], RANK_SIZES[0])
+    out["lonely"] = _values(lonely.compute())
+
+    mismatch = Evaluation(group=dist.group.WORLD)
+    mismatch.update(torch.randn(2, 3 + rank), torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match=r"Evaluation.compute: every rank must see the same"):
+        mismatch.compute()
+    mixed = Evaluation(group=dist.group.WORLD)
+    mixed.update(torch.randn(2, 3), torch.tensor([0, -1]), torch.rand(2) if rank == 0 else None)
+    with pytest.raises(ValueError, match=r"Evaluation.compute: every rank must pass scores"):
+        mixed.compute()
+    empty = Evaluation(group=dist.group.WORLD)
+    with pytest.raises(ValueError, match=r"Evaluation.compute: no samples were collected on any"):
+        empty.compute()
+    return out
+
+
+@pytest.mark.distributed
+def test_two_process_gloo_equals_single_process() -> None:
+    results = run_distributed(_dist_body, world_size=2)
+    z, y = _data(n=21)
+    s = scores.msp(z)
+    known = int(((y >= 0) & (y < 4)).sum())
+    want = [*_one_shot(z, y, s, 0.6), known, 21 - known]
+    n0 = sum(RANK_SIZES[0])
+    assert results[0]["global"] == results[1]["global"] == want
+    assert [r["local"] for r in results] == [n0, 21 - n0]
+    lonely = _one_shot(z[:n0], y[:n0], s[:n0], 0.6)
+    assert results[0]["lonely"] == results[1]["lonely"] == lonely
