@@ -1,0 +1,31 @@
+"""open_clip integration: zero-shot heads, random-text banks, CoOp contexts, parameter selection.
+
+The one robustft module that knows open_clip's models and tokenizers — and it still never imports
+``open_clip`` itself: models are used through their methods and attributes (``encode_image``,
+``encode_text``, ``token_embedding``, ``visual``) and tokenizers through ``__call__`` and their
+special-token ids, so ``import robustft.clip`` is cheap and works with any open_clip ``CLIP`` or
+``CustomTextCLIP`` you build or load (``open_clip.create_model_and_transforms(name,
+pretrained=...)``).
+"""
+
+from robustft.clip._context import encode_text_with_context, init_context
+from robustft.clip._forward import frozen_copy_features, image_features, text_features
+from robustft.clip._heads import context_prototypes, zero_shot_head
+from robustft.clip._params import norm_affine_names, text_names, visual_names
+from robustft.clip._random_text import RandomTextBank, energy_gap_metric, random_text_tokens
+
+__all__ = [
+    "RandomTextBank",
+    "context_prototypes",
+    "encode_text_with_context",
+    "energy_gap_metric",
+    "frozen_copy_features",
+    "image_features",
+    "init_context",
+    "norm_affine_names",
+    "random_text_tokens",
+    "text_features",
+    "text_names",
+    "visual_names",
+    "zero_shot_head",
+]
