@@ -32,6 +32,23 @@ def world_size(group: Any = None) -> int:
     return int(dist.get_world_size(group))
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the incoming gradients over ranks too."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, group: Any) -> Tensor:
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        out = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=ctx.group)
+        return out, None
+
+
 def all_reduce_sum(tensor: Tensor, group: Any = None) -> Tensor:
     """Sum ``tensor`` over the ranks of ``group``, differentiably.
 
@@ -41,13 +58,18 @@ def all_reduce_sum(tensor: Tensor, group: Any = None) -> Tensor:
     gradient with respect to ``s_r`` is ``W`` times the local share when every rank computes the
     same loss from ``S``. DDP and FSDP *average* gradients over ranks, which cancels the factor:
     the averaged gradient equals the single-process gradient on the concatenated global batch.
-    Detaching other ranks' contributions instead (a plain ``all_reduce`` on a detached copy) drops
-    their cross terms and gives a gradient that is several per cent off for UEO.
+    Detaching the other ranks' contributions instead (a plain ``all_reduce`` of a detached copy
+    plus the local term) loses that factor: after DDP's averaging the gradient is ``1/W`` of the
+    correct one.
+
+    Eager mode uses an ``autograd.Function`` around ``dist.all_reduce`` (any torch >= 2.4);
+    inside ``torch.compile`` the traceable functional collective is used.
 
     Args:
         tensor: any tensor, same shape on every rank.
         group: a ``torch.distributed`` process group; ``None`` with no initialised process group
-            (or a single rank) returns ``tensor`` unchanged.
+            (or a single rank) returns ``tensor`` unchanged, and ``None`` with an initialised
+            group means the default (world) group.
 
     Returns:
         A new tensor with the global sum (the input is not modified).
@@ -55,11 +77,14 @@ def all_reduce_sum(tensor: Tensor, group: Any = None) -> Tensor:
     check_tensor("all_reduce_sum", "tensor", tensor)
     if not is_distributed(group):
         return tensor
-    from torch.distributed.nn.functional import all_reduce
-
     if group is None:
         group = dist.group.WORLD
-    return all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    if torch.compiler.is_compiling():  # pragma: no cover - exercised only on compiled DDP runs
+        from torch.distributed import _functional_collectives as fc
+
+        return fc.all_reduce(tensor, "sum", group)
+    out: Tensor = _AllReduceSum.apply(tensor, group)
+    return out
 
 
 def all_gather_cat(tensor: Tensor, group: Any = None) -> Tensor:

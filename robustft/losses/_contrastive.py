@@ -1,0 +1,73 @@
+"""The symmetric CLIP contrastive loss (FLYP: fine-tune like you pre-train)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from robustft.losses._common import check_pair, check_scale, compute_dtype, normalize
+from robustft.typing import Scalar
+
+__all__ = ["clip_contrastive"]
+
+
+def clip_contrastive(
+    image_features: Tensor,
+    text_features: Tensor,
+    *,
+    logit_scale: Scalar = 100.0,
+) -> Tensor:
+    r"""Symmetric CLIP contrastive loss over matched (image, text) pairs; FLYP's objective.
+
+    With :math:`\hat f_i`, :math:`\hat g_j` the L2-normalised image and text features of pair
+    :math:`i`, :math:`j` and :math:`S_{ij} = s\,\langle \hat f_i, \hat g_j\rangle`:
+
+    .. math::
+
+        L = \frac{1}{2B} \sum_{i=1}^{B} \Big(
+              -\log \frac{e^{S_{ii}}}{\sum_j e^{S_{ij}}}
+              -\log \frac{e^{S_{ii}}}{\sum_j e^{S_{ji}}} \Big)
+
+    the mean of the image→text and text→image cross-entropies with the other pairs of the batch as
+    negatives. For FLYP the text of pair :math:`i` is a templated caption of image :math:`i`'s
+    class (``"a photo of a {class}."``), encoded by the (trained) text tower. Negatives are the
+    local batch; the loss couples samples, so there is no per-sample reduction.
+
+    Args:
+        image_features: ``[batch, dim]`` raw image features.
+        text_features: ``[batch, dim]`` raw text features, row :math:`i` paired with image
+            :math:`i`.
+        logit_scale: :math:`s > 0`, a real number or a 0-d tensor (CLIP's learned
+            ``logit_scale.exp()``, 100 for OpenAI CLIP).
+
+    Returns:
+        0-d tensor (at least float32).
+
+    Raises:
+        TypeError: if an input is not a floating-point tensor.
+        ValueError: on wrong ranks, mismatched shapes or ``logit_scale <= 0``.
+
+    Example:
+        >>> pairs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> loss = clip_contrastive(pairs, pairs, logit_scale=1.0)
+        >>> torch.allclose(loss, torch.log1p(torch.exp(torch.tensor(-1.0))))
+        True
+
+    References:
+        Radford et al., "Learning Transferable Visual Models From Natural Language Supervision",
+        ICML 2021 (code: https://github.com/mlfoundations/open_clip); Goyal et al., "Finetune like
+        you pretrain: Improved finetuning of zero-shot vision models" (FLYP), CVPR 2023.
+        Code: https://github.com/locuslab/FLYP
+    """
+    fn = "clip_contrastive"
+    check_pair(fn, "image_features", image_features, "text_features", text_features)
+    check_scale(fn, "logit_scale", logit_scale)
+    if image_features.shape[0] == 0:
+        raise ValueError(f"{fn}: image_features must hold at least one pair, got shape (0, ...)")
+    dtype = compute_dtype(image_features, text_features)
+    f = normalize(image_features, dtype)
+    g = normalize(text_features, dtype)
+    logits = (f * logit_scale) @ g.T  # [B, B]
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))

@@ -1,0 +1,88 @@
+"""UEO under data parallelism (2 gloo ranks on CPU): global-batch loss and DDP-equivalent gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from _dist import run_distributed
+
+from robustft.losses import ueo
+
+SPLIT = (3, 5)  # uneven local batches
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(sum(SPLIT), 6, generator=g, dtype=torch.float64)
+    conf = torch.rand(sum(SPLIT), generator=g, dtype=torch.float64) * 0.9 + 0.05
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64) * 2
+    return x, conf, weight
+
+
+def _ueo_detached_other_ranks(logits: torch.Tensor, w: torch.Tensor, gamma: float) -> torch.Tensor:
+    """UEO whose global sums treat the other ranks' parts as constants (the wrong way)."""
+    logp = torch.log_softmax(logits, -1)
+    h = -(logp.exp() * logp).sum(-1)
+    local = torch.cat(
+        [(logp.exp() / w[:, None]).sum(0), (w * h).sum()[None], w.sum()[None], (1 / w).sum()[None]]
+    )
+    total = local.detach().clone()
+    dist.all_reduce(total)
+    sums = local + (total - local.detach())
+    c = logits.shape[1]
+    pbar = sums[:c] / sums[c + 2]
+    return sums[c] / sums[c + 1] + gamma * (pbar * pbar.log()).sum()
+
+
+def _body(rank: int, world_size: int) -> dict[str, float]:
+    x, conf, weight = _data()
+    lo = sum(SPLIT[:rank])
+    xs, cs = x[lo : lo + SPLIT[rank]], conf[lo : lo + SPLIT[rank]]
+
+    # reference: one process, concatenated global batch
+    w_single = weight.clone().requires_grad_(True)
+    single = ueo(x @ w_single, conf, trade_off=0.7)
+    single.backward()
+
+    # data parallel: global sums through the autograd-aware all-reduce, DDP-averaged gradient
+    w_ddp = weight.clone().requires_grad_(True)
+    loss = ueo(xs @ w_ddp, cs, trade_off=0.7, group=dist.group.WORLD)
+    loss.backward()
+    grad = w_ddp.grad.clone()
+    dist.all_reduce(grad)
+    grad /= world_size
+    torch.testing.assert_close(loss, single.detach(), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grad, w_single.grad, atol=1e-12, rtol=1e-10)
+
+    # detaching the other ranks' parts gives the same value, but after DDP's averaging only
+    # 1/world_size of the gradient: each rank then back-propagates its own share only
+    w_det = weight.clone().requires_grad_(True)
+    wrong = _ueo_detached_other_ranks(xs @ w_det, cs, 0.7)
+    wrong.backward()
+    grad_det = w_det.grad.clone()
+    dist.all_reduce(grad_det)
+    grad_det /= world_size
+    torch.testing.assert_close(wrong.detach(), single.detach(), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grad_det, w_single.grad / world_size, atol=1e-12, rtol=1e-10)
+    rel = ((grad_det - w_single.grad).norm() / w_single.grad.norm()).item()
+
+    # group=None stays local even with an initialised process group
+    local = ueo(xs @ weight, cs, trade_off=0.7)
+    torch.testing.assert_close(local, ueo(xs @ weight, cs, trade_off=0.7, group=None))
+    return {
+        "loss": loss.item(),
+        "single": single.item(),
+        "local": local.item(),
+        "detached_rel_error": rel,
+    }
+
+
+@pytest.mark.distributed
+def test_ueo_global_batch_under_data_parallelism() -> None:
+    results = run_distributed(_body, world_size=2)
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], abs=1e-12)
+    # the local losses differ from the global one (the all-reduce did something)
+    assert all(abs(r["local"] - r["single"]) > 1e-3 for r in results)
+    # the detached variant's DDP gradient is off by a factor 1/world_size (50 % here)
+    assert all(r["detached_rel_error"] == pytest.approx(0.5) for r in results), results
