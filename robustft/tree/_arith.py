@@ -173,8 +173,10 @@ def lerp_(
     """In place: ``start[k] += weight * (end[k] - start[k])`` for every key; returns ``start``.
 
     Only ``start``'s tensors are written. ``end`` may have another floating dtype than ``start``
-    (e.g. bf16 parameters folded into float32 accumulators): it is then converted one tensor at a
-    time, so the extra memory is at most one tensor.
+    (e.g. bf16 parameters folded into float32 accumulators) or live on another device: it is then
+    converted one tensor at a time, and large contiguous tensors one chunk at a time (2**20
+    elements on CPU, 2**24 on accelerators), so the extra memory is at most one tensor and at most
+    one chunk.
 
     >>> acc = {"w": torch.tensor([0.0, 2.0])}
     >>> _ = lerp_(acc, {"w": torch.tensor([4.0, 6.0])}, 0.5)
@@ -191,12 +193,45 @@ def lerp_(
             continue
         for k, x, y in zip(keys, xs, ys):
             w = weight[k] if isinstance(weight, Mapping) else weight
-            y = y.to(device=x.device, dtype=x.dtype)
             if isinstance(w, Tensor):
+                y = y.to(device=x.device, dtype=x.dtype)
                 x.add_(w * (y - x))
             else:
-                x.lerp_(y, float(w))
+                _lerp_converted_(x, y, float(w))
     return start
+
+
+_CONVERT_CHUNK = {"cpu": 1 << 20}
+"""Elements of ``end`` converted at a time by :func:`lerp_` when its dtype or device differs,
+per device type of ``start`` (larger elsewhere: fewer kernel launches)."""
+
+
+def _lerp_converted_(x: Tensor, y: Tensor, w: float) -> None:
+    """``x.lerp_(y.to(x), w)``; large plain contiguous tensors are converted chunk by chunk.
+
+    Same values as converting the whole tensor (lerp is elementwise), with at most one chunk of
+    converted elements alive instead of a full-size copy of ``y``.
+    """
+    if y.dtype == x.dtype and y.device == x.device:
+        x.lerp_(y, w)
+        return
+    n = x.numel()
+    chunk = _CONVERT_CHUNK.get(x.device.type, 1 << 24)
+    chunked = (
+        n > chunk
+        and type(x) in (Tensor, torch.nn.Parameter)
+        and type(y) in (Tensor, torch.nn.Parameter)
+        and x.is_contiguous()
+        and y.is_contiguous()
+        and _foreach_ok([x, y])
+    )
+    if not chunked:
+        x.lerp_(y.to(device=x.device, dtype=x.dtype), w)
+        return
+    xf, yf = x.view(-1), y.view(-1)
+    for i in range(0, n, chunk):
+        j = min(i + chunk, n)
+        xf[i:j].lerp_(yf[i:j].to(device=x.device, dtype=x.dtype), w)
 
 
 def copy_(dst: Mapping[str, Tensor], src: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
@@ -259,7 +294,7 @@ def _norms(tree: Mapping[str, Tensor], fn: str) -> dict[str, Tensor]:
     for keys in _groups([tree]):
         xs = [tree[k] for k in keys]
         acc = accumulation_dtype(xs[0].dtype)
-        if _foreach_ok(xs) and type(xs[0]) is Tensor:
+        if _foreach_ok(xs) and type(xs[0]) in (Tensor, torch.nn.Parameter):
             out.update(zip(keys, torch._foreach_norm(xs, 2, dtype=acc)))
         else:
             out.update((k, torch.linalg.vector_norm(x, dtype=acc)) for k, x in zip(keys, xs))

@@ -1,0 +1,76 @@
+"""Naive references for robustft.averaging, written from the papers with explicit loops.
+
+Float64, scipy's Beta density, closed-form weighted sums over a stored trajectory, and the model
+soups recipe as the official code writes it: no code path shared with the library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import scipy.stats
+import torch
+from torch import Tensor
+
+Tree = dict[str, Tensor]
+
+
+def beta_weights_ref(total_steps: int, beta: float) -> list[float]:
+    """alpha_t = BetaPDF_{beta,beta}((t + 0.5) / (T + 1)), t = 0..T (CLIPood's code uses scipy)."""
+    dist = scipy.stats.beta(beta, beta)
+    return [float(dist.pdf((t + 0.5) / (total_steps + 1))) for t in range(total_steps + 1)]
+
+
+def weighted_mean_ref(trajectory: Sequence[Tree], weights: Sequence[float]) -> Tree:
+    """sum_t w_t theta_t / sum_t w_t, key by key, in float64."""
+    total = sum(weights)
+    out = {}
+    for k in trajectory[0]:
+        acc = torch.zeros_like(trajectory[0][k], dtype=torch.float64)
+        for w, theta in zip(weights, trajectory):
+            acc = acc + w * theta[k].double()
+        out[k] = acc / total
+    return out
+
+
+def bma_ref(trajectory: Sequence[Tree], total_steps: int, beta: float) -> Tree:
+    """The closed form of the Beta moving average after len(trajectory) - 1 steps."""
+    alphas = beta_weights_ref(total_steps, beta)[: len(trajectory)]
+    return weighted_mean_ref(trajectory, alphas)
+
+
+def ema_ref(trajectory: Sequence[Tree], decay: float) -> Tree:
+    """d^T theta_0 + sum_{t>=1} (1 - d) d^(T - t) theta_t (weights do not need renormalising)."""
+    T = len(trajectory) - 1
+    weights = [decay**T] + [(1 - decay) * decay ** (T - t) for t in range(1, T + 1)]
+    out = {}
+    for k in trajectory[0]:
+        acc = torch.zeros_like(trajectory[0][k], dtype=torch.float64)
+        for w, theta in zip(weights, trajectory):
+            acc = acc + w * theta[k].double()
+        out[k] = acc
+    return out
+
+
+def uniform_ref(trajectory: Sequence[Tree]) -> Tree:
+    return weighted_mean_ref(trajectory, [1.0] * len(trajectory))
+
+
+def greedy_soup_ref(
+    candidates: Sequence[Tree], evaluate: Callable[[Tree], float], strict: bool = True
+) -> tuple[Tree, list[int]]:
+    """Recipe 1 of model soups as the official code runs it (ingredients kept on ``>``)."""
+    scores = [evaluate(c) for c in candidates]
+    order = sorted(range(len(candidates)), key=lambda i: scores[i], reverse=True)
+    soup = {k: v.double().clone() for k, v in candidates[order[0]].items()}
+    kept, best = [order[0]], scores[order[0]]
+    for i in order[1:]:
+        n = len(kept)
+        trial = {
+            k: soup[k] * (n / (n + 1.0)) + candidates[i][k].double() * (1.0 / (n + 1)) for k in soup
+        }
+        score = evaluate(trial)
+        if score > best or (not strict and score >= best):
+            soup, best = trial, score
+            kept.append(i)
+    return soup, kept
