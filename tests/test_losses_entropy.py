@@ -181,3 +181,13 @@ def test_ueo_confidence_is_mcm_of_cosines() -> None:
     cos = torch.nn.functional.normalize(f, dim=-1) @ torch.nn.functional.normalize(t, dim=-1).T
     w = ueo_confidence(cos)
     torch.testing.assert_close(w, torch.softmax(cos, -1).max(-1).values)
+
+
+def test_entropy_of_masked_logits_is_exact_with_finite_gradient() -> None:
+    z = torch.tensor(
+        [[0.0, float("-inf"), 0.0], [float("-inf"), 3.0, float("-inf")]], requires_grad=True
+    )
+    h = entropy(z)
+    torch.testing.assert_close(h.detach(), torch.tensor([math.log(2.0), 0.0]))
+    h.sum().backward()
+    assert torch.isfinite(z.grad).all()

@@ -22,7 +22,8 @@ def entropy(logits: Tensor, *, dim: int = -1) -> Tensor:
     .. math:: H(p) = -\sum_k p_k \log p_k, \qquad \log p = \operatorname{log\_softmax}(z)
 
     Finite for any finite logits (even :math:`\pm 10^4`): a class of vanishing probability
-    contributes :math:`0 \cdot \text{finite} = 0`, never :math:`0 \cdot (-\infty)`. Lies in
+    contributes :math:`0 \cdot \text{finite} = 0`, never :math:`0 \cdot (-\infty)`. Masked
+    classes (logit :math:`-\infty`) contribute exactly 0, with a finite gradient. Lies in
     :math:`[0, \log C]`.
 
     Args:
@@ -55,7 +56,10 @@ def entropy(logits: Tensor, *, dim: int = -1) -> Tensor:
             f"{tuple(logits.shape)}, got {dim}"
         )
     logp = torch.log_softmax(logits.to(compute_dtype(logits)), dim=dim)
-    return -(logp.exp() * logp).sum(dim)
+    # a masked class (logit -inf) has p = 0 and log p = -inf: its term is 0 by continuity, and
+    # zeroing log p there (not the product) keeps the gradient finite too
+    safe = torch.where(torch.isneginf(logp), torch.zeros_like(logp), logp)
+    return -(logp.exp() * safe).sum(dim)
 
 
 def _check_group(fn: str, group: Any) -> None:
