@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(".."))
 
-from robustft import __version__  # noqa: E402
+from robustft import __version__
 
 project = "robustft"
 author = "robustft developers"
