@@ -42,3 +42,8 @@ def test_readme_loop_example_runs() -> None:
     avg, start, end = state.average[k], before[k], dict(model.named_parameters())[k].detach()
     assert not torch.equal(avg, start)
     assert (avg - start).norm() < (end - start).norm()
+    # the final line evaluates the average functionally: same as a module holding the average
+    expected = torch.func.functional_call(model, state.average, (images,), {}, strict=False)
+    torch.testing.assert_close(
+        namespace["test_f"], torch.nn.functional.normalize(expected[0], dim=-1)
+    )
