@@ -20,6 +20,7 @@ def test_readme_loop_example_runs() -> None:
     images = torch.randn(4, 3, 32, 32)
     labels = torch.tensor([0, 1, 2, 1])
     namespace = {
+        "torch": torch,
         "model": model,
         "total_steps": total_steps,
         "loader": [(images, labels)] * total_steps,
