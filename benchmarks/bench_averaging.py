@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import torch
+from _memory import peak_alloc_bytes
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -185,25 +186,7 @@ def peak_extra_bytes(fn: Callable[[], Any]) -> int:
         fn()
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated() - base)
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events: list[tuple[int, int]] = []
-
-    def walk(node: Any) -> None:
-        if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-        for child in node.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    current = peak = 0
-    for _, size in sorted(events):
-        current += size
-        peak = max(peak, current)
-    return peak
+    return peak_alloc_bytes(fn)
 
 
 @pytest.mark.parametrize("name", ["ema", "bma", "uniform"])

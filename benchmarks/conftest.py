@@ -16,12 +16,17 @@ Each performance target is a test that asks for the ``compare`` fixture::
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+# helpers shared with the tests (e.g. tests/_memory.py) are importable from the benchmarks
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 RESULTS: list[str] = []
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from _memory import peak_alloc_bytes
 from hypothesis import given
 from hypothesis import strategies as st
 from reference.averaging_ref import beta_weights_ref, bma_ref, ema_ref, uniform_ref
@@ -46,29 +47,6 @@ def assert_trees_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     for k in a:
         assert a[k].dtype == b[k].dtype, k
         assert torch.equal(a[k], b[k]), k
-
-
-def peak_alloc_bytes(fn: Callable[[], Any]) -> int:
-    """Peak of the bytes allocated by torch's CPU allocator while ``fn`` runs (profiler events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events: list[tuple[int, int]] = []
-
-    def walk(node: Any) -> None:
-        if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-        for child in node.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    current = peak = 0
-    for _, size in sorted(events):
-        current += size
-        peak = max(peak, current)
-    return peak
 
 
 # ---------------------------------------------------------------- beta_weights

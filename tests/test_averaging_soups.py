@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 import torch
+from _memory import peak_alloc_bytes
 from hypothesis import given
 from hypothesis import strategies as st
 from reference.averaging_ref import greedy_soup_ref, uniform_ref
 from strategies import tree_pairs
-from test_averaging import peak_alloc_bytes
 
 from robustft import averaging
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from robustft import tree
 from robustft._checks import describe
+from robustft.tree._structure import _fmt_keys
 
 __all__ = [
     "check_accumulator_dtype",
@@ -27,12 +28,6 @@ __all__ = [
     "make_average",
     "resolve_device",
 ]
-
-
-def _fmt_keys(keys: list[str], limit: int = 10) -> str:
-    keys = sorted(keys)
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return f"{keys[:limit]!r}{more}"
 
 
 def check_params(fn: str, params: object, name: str = "params") -> Mapping[str, Tensor]:
