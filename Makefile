@@ -42,11 +42,11 @@ docs: $(STAMP_T)
 
 # Smoke run of every benchmark kernel (one call each, no timing): part of `make test`.
 bench: $(STAMP_T)
-	$(BIN)/python -m pytest -q benchmarks --benchmark-disable
+	$(BIN)/python -m pytest -q benchmarks/bench_*.py --benchmark-disable
 
 # Real timings with the baselines in the same run; prints the ratios.
 bench-run: $(STAMP_T)
-	$(BIN)/python -m pytest -q benchmarks --benchmark-only --benchmark-columns=min,median,mean,rounds
+	$(BIN)/python -m pytest -q benchmarks/bench_*.py --benchmark-only --benchmark-columns=min,median,mean,rounds
 
 test: lint typecheck pytest docs bench
 
