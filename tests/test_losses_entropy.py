@@ -191,3 +191,13 @@ def test_entropy_of_masked_logits_is_exact_with_finite_gradient() -> None:
     torch.testing.assert_close(h.detach(), torch.tensor([math.log(2.0), 0.0]))
     h.sum().backward()
     assert torch.isfinite(z.grad).all()
+
+
+def test_ueo_with_a_masked_class_is_finite_and_matches_dropping_it() -> None:
+    z = torch.tensor([[1.0, float("-inf"), 0.0], [0.5, float("-inf"), 2.0]], requires_grad=True)
+    w = torch.tensor([0.6, 0.9])
+    loss = ueo(z, w)
+    dropped = ueo(z.detach()[:, [0, 2]], w)
+    torch.testing.assert_close(loss.detach(), dropped)
+    loss.backward()
+    assert torch.isfinite(z.grad).all()

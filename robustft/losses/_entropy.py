@@ -58,8 +58,12 @@ def entropy(logits: Tensor, *, dim: int = -1) -> Tensor:
     logp = torch.log_softmax(logits.to(compute_dtype(logits)), dim=dim)
     # a masked class (logit -inf) has p = 0 and log p = -inf: its term is 0 by continuity, and
     # zeroing log p there (not the product) keeps the gradient finite too
-    safe = torch.where(torch.isneginf(logp), torch.zeros_like(logp), logp)
-    return -(logp.exp() * safe).sum(dim)
+    return -(logp.exp() * _zero_neginf(logp)).sum(dim)
+
+
+def _zero_neginf(logp: Tensor) -> Tensor:
+    """``log p`` with ``-inf`` (p = 0) replaced by 0, so ``p * log p`` and its gradient are 0."""
+    return torch.where(torch.isneginf(logp), torch.zeros_like(logp), logp)
 
 
 def _check_group(fn: str, group: Any) -> None:
@@ -145,13 +149,14 @@ def ueo(
     dtype = compute_dtype(logits, confidence)
     num_classes = logits.shape[1]
     logp = torch.log_softmax(logits.to(dtype), dim=-1)  # [B, C]
-    h = -(logp.exp() * logp).sum(-1)  # [B]
+    h = -(logp.exp() * _zero_neginf(logp)).sum(-1)  # [B]
     w = confidence.detach().to(dtype)
     log_inv_w = -torch.log(w)
     a = logp + log_inv_w[:, None]  # log(p_ik / w_i)
     shift = a.detach().amax(0)  # [C], a constant: any shift gives the same exact value
     if reduce:
         dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
+    shift = _zero_neginf(shift)  # a class masked (-inf) in every sample: avoid -inf - -inf
     sums = torch.cat(
         [
             torch.exp(a - shift).sum(0),  # Σ_i p_ik / w_i, rescaled by exp(-shift_k)
@@ -164,8 +169,12 @@ def ueo(
         sums = all_reduce_sum(sums, group)
     scaled_mass = sums[:num_classes]
     cond = sums[num_classes] / sums[num_classes + 1]
-    log_pbar = shift + torch.log(scaled_mass) - torch.log(sums[num_classes + 2])
-    h_bar = -(log_pbar.exp() * log_pbar).sum()
+    # a class with no mass anywhere (masked) has log p̄ = -inf; keep its log's gradient finite
+    has_mass = scaled_mass != 0  # NaN (from an invalid confidence) stays NaN
+    mass = torch.where(has_mass, scaled_mass, torch.ones_like(scaled_mass))
+    log_pbar = shift + torch.log(mass) - torch.log(sums[num_classes + 2])
+    log_pbar = torch.where(has_mass, log_pbar, torch.full_like(log_pbar, float("-inf")))
+    h_bar = -(log_pbar.exp() * _zero_neginf(log_pbar)).sum()
     return cond - trade_off * h_bar
 
 
