@@ -63,11 +63,10 @@ def test_mms_vs_cross_entropy(compare: Any, sizes: dict[str, int]) -> None:
 
 
 def test_mms_vs_unnormalised_cross_entropy(compare: Any, sizes: dict[str, int]) -> None:
-    # The literal baseline of the issue, without the two L2 normalisations that cosine logits
-    # need (work the kernel cannot skip, since features are raw). The like-for-like comparison
-    # above carries the 1.3x target; this one is reported beside it with a looser bound, because
-    # on a loaded CPU the kernel's extra small ops make its ratio swing (1.15-1.3 quiet, up to ~2
-    # with load 3x the core count).
+    # The issue's literal baseline, which skips the two L2 normalisations that cosine logits need
+    # (work the kernel cannot skip, since features are raw). It carries the same 1.3x target; on a
+    # loaded CPU the kernel's extra small ops make this ratio swing upward, so time it on an
+    # otherwise idle machine.
     f, t, y = _mms_inputs(sizes)
 
     def kernel() -> Any:
@@ -81,7 +80,7 @@ def test_mms_vs_unnormalised_cross_entropy(compare: Any, sizes: dict[str, int]) 
         kernel,
         "F.cross_entropy(s*f@T.T) raw",
         baseline,
-        target=1.5,
+        target=1.3,
         rounds=41,
     )
 
