@@ -12,16 +12,13 @@ the same foreach kernel, and 2% is the noise of the median); the peak extra memo
 update <= 1% of the tree (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the allocation events
 of torch's CPU allocator, recorded by ``torch.profiler`` with ``profile_memory=True``).
 
-CPU runs use ``ROBUSTFT_BENCH_THREADS`` intra-op threads (default 1): these kernels are
-memory-bound, and on a shared machine a second OpenMP thread that is descheduled stalls every
-per-tensor parallel region, which penalises many-tensor kernels for reasons unrelated to them.
+CPU runs use ``ROBUSTFT_BENCH_THREADS`` intra-op threads (default 1; see benchmarks/conftest.py).
 """
 
 from __future__ import annotations
 
 import gc
 import math
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -110,15 +107,6 @@ def report(capsys: pytest.CaptureFixture[str], line: str) -> None:
     """Print a measurement to the terminal, past pytest's output capture."""
     with capsys.disabled():
         print(f"\n{line}")
-
-
-@pytest.fixture(autouse=True)
-def _threads() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("ROBUSTFT_BENCH_THREADS", "1")))
-    yield
-    torch.set_num_threads(threads)
-    gc.collect()
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ Each performance target is a test that asks for the ``compare`` fixture::
 
 * ``make bench`` (part of ``make test``) runs with ``--benchmark-disable``: each function is called
   once as a smoke test, no timing, no assertion on speed.
+* ``target=None`` marks an informational comparison (reported, not asserted), e.g. against a
+  stricter baseline than the one a target is defined on.
 * ``make bench-run`` times ``rounds`` interleaved (kernel, baseline) pairs after a warm-up, reports
   the median of the per-pair ratios (robust to a noisy, shared machine, since both sides of a pair
   see the same load), records it in the pytest-benchmark JSON (``extra_info``) and fails if it is
@@ -15,10 +17,12 @@ Each performance target is a test that asks for the ``compare`` fixture::
 
 from __future__ import annotations
 
+import gc
+import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 RESULTS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> Iterator[None]:
+    """CPU kernels run on ``ROBUSTFT_BENCH_THREADS`` intra-op threads (default 1).
+
+    On a shared or CPU-quota-limited machine a second OpenMP thread that gets descheduled stalls
+    every parallel region: measured here, a [256, 512] x [512, 1000] cross-entropy step took
+    7.6 ms on one thread and 80-190 ms on two. One thread times the kernels, not the scheduler.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("ROBUSTFT_BENCH_THREADS", "1")))
+    yield
+    torch.set_num_threads(threads)
+    gc.collect()
 
 
 def _sync(device: torch.device | None) -> None:
@@ -54,7 +73,7 @@ def compare(benchmark: Any, request: pytest.FixtureRequest) -> Callable[..., flo
         baseline_name: str,
         baseline: Callable[[], Any],
         *,
-        target: float,
+        target: float | None,
         rounds: int = 15,
         warmup: int = 3,
         device: torch.device | None = None,
@@ -90,12 +109,14 @@ def compare(benchmark: Any, request: pytest.FixtureRequest) -> Callable[..., flo
             }
         )
         benchmark.pedantic(kernel, rounds=3, iterations=1)
+        goal = "informational" if target is None else f"target <= {target}"
         line = (
             f"{name:<44} {statistics.median(tk) * 1e3:9.2f} ms   {baseline_name:<36} "
-            f"{statistics.median(tb) * 1e3:9.2f} ms   ratio {ratio:5.2f} (target <= {target})"
+            f"{statistics.median(tb) * 1e3:9.2f} ms   ratio {ratio:5.2f} ({goal})"
         )
         RESULTS.append(line)
-        assert ratio <= target, f"{name}: {ratio:.2f}x {baseline_name}, target <= {target}x"
+        if target is not None:
+            assert ratio <= target, f"{name}: {ratio:.2f}x {baseline_name}, target <= {target}x"
         return ratio
 
     return run
