@@ -5,7 +5,9 @@ BIN     := $(VENV)/bin
 STAMP_T := $(VENV)/.installed-dev
 STAMP_D := $(VENV)/.installed-demo
 export PYTHONHASHSEED := 0
-export OMP_NUM_THREADS ?= 2
+# one OpenMP thread: tests, demo and benchmarks use tiny tensors, where a second thread that the
+# scheduler deschedules stalls every parallel region (measured 10-100x slowdowns on 2-core CI)
+export OMP_NUM_THREADS ?= 1
 
 .PHONY: demo test lint typecheck pytest docs bench bench-run clean venv
 
