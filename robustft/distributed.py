@@ -17,7 +17,7 @@ from torch import Tensor
 
 from robustft._checks import check_tensor
 
-__all__ = ["all_gather_cat", "all_reduce_sum", "is_distributed", "world_size"]
+__all__ = ["all_gather_cat", "all_reduce_sum", "is_distributed", "rank_offset", "world_size"]
 
 
 def is_distributed(group: Any = None) -> bool:
@@ -87,15 +87,52 @@ def all_reduce_sum(tensor: Tensor, group: Any = None) -> Tensor:
     return out
 
 
+def _gather_counts(n: int, device: torch.device, group: Any) -> list[int]:
+    size = torch.tensor([n], device=device, dtype=torch.long)
+    sizes = [torch.empty_like(size) for _ in range(world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    return [int(s.item()) for s in sizes]
+
+
+class _AllGatherCat(torch.autograd.Function):
+    """Uneven all-gather along dim 0 whose backward sums the gradients over ranks and slices."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, group: Any) -> Tensor:
+        counts = _gather_counts(tensor.shape[0], tensor.device, group)
+        rank = dist.get_rank(group)
+        ctx.group = group
+        ctx.span = (sum(counts[:rank]), sum(counts[: rank + 1]))
+        padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        lo, hi = ctx.span
+        return total[lo:hi], None
+
+
 def all_gather_cat(tensor: Tensor, group: Any = None) -> Tensor:
     """Concatenate along dim 0 the tensors of every rank, whose first dimensions may differ.
 
-    For evaluation (no gradient). Ranks are concatenated in rank order; trailing dimensions and
-    dtype must agree across ranks. Without a distributed group, returns ``tensor`` itself.
+    .. math:: G = [x_1; x_2; \\dots; x_W], \\qquad x_r \\in \\mathbb{R}^{n_r \\times \\cdots}
+
+    Ranks are concatenated in rank order; trailing dimensions and dtype must agree across ranks.
+    Differentiable: the backward pass sums the gradient of ``G`` over ranks and returns each rank
+    its own rows, so when every rank computes the same loss from ``G`` the gradient on rank ``r``
+    is ``W`` times its share, which DDP's averaging turns into the exact single-process gradient
+    (the same convention as :func:`all_reduce_sum`). Used for global-batch contrastive negatives
+    and, detached, for distributed evaluation.
 
     Args:
         tensor: ``[n_r, ...]`` on rank ``r``.
-        group: a process group, or ``None`` for the default group.
+        group: a process group; ``None`` uses the default group when one is initialised.
+            Without a distributed group (or with one rank), ``tensor`` itself is returned.
 
     Returns:
         ``[sum_r n_r, ...]``, identical on every rank.
@@ -107,14 +144,26 @@ def all_gather_cat(tensor: Tensor, group: Any = None) -> Tensor:
         )
     if not is_distributed(group):
         return tensor
-    n = world_size(group)
-    size = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
-    sizes = [torch.empty_like(size) for _ in range(n)]
-    dist.all_gather(sizes, size, group=group)
-    counts = [int(s.item()) for s in sizes]
-    longest = max(counts)
-    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor.detach()
-    parts = [torch.empty_like(padded) for _ in range(n)]
-    dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
+    if group is None:
+        group = dist.group.WORLD
+    out: Tensor = _AllGatherCat.apply(tensor.contiguous(), group)
+    return out
+
+
+def rank_offset(n: int, group: Any = None, *, device: torch.device | str = "cpu") -> int:
+    """Index of this rank's first row in :func:`all_gather_cat` of ``n``-row tensors (0 alone).
+
+    Args:
+        n: this rank's number of rows.
+        group: the process group of the gather (``None``: the default group, if any).
+        device: where the size exchange runs (``"cuda"`` for NCCL).
+
+    Returns:
+        ``sum of n_r over ranks r before this one``.
+    """
+    if not is_distributed(group):
+        return 0
+    if group is None:
+        group = dist.group.WORLD
+    counts = _gather_counts(n, torch.device(device), group)
+    return sum(counts[: dist.get_rank(group)])

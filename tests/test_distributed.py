@@ -15,6 +15,7 @@ def test_single_process_identities() -> None:
     assert distributed.world_size() == 1
     assert distributed.all_reduce_sum(x) is x
     assert distributed.all_gather_cat(x) is x
+    assert distributed.rank_offset(3) == 0
 
 
 def test_errors() -> None:
@@ -38,6 +39,16 @@ def _collectives(rank: int, world_size: int) -> list[float]:
         ]
     )
     assert torch.equal(gathered, expected)
+
+    # all_gather_cat is differentiable: with loss = sum_i c_i * G_i on every rank (c the global
+    # row index + 1), rank r's rows get W * c_i (the gradient summed over ranks)
+    assert distributed.rank_offset(rank + 2) == sum(r + 2 for r in range(rank))
+    x_rows = torch.ones(rank + 2, requires_grad=True)
+    g_all = distributed.all_gather_cat(x_rows)
+    coeff = torch.arange(1, g_all.shape[0] + 1, dtype=torch.float32)
+    (coeff * g_all).sum().backward()
+    lo = distributed.rank_offset(rank + 2)
+    assert torch.equal(x_rows.grad, world_size * coeff[lo : lo + rank + 2])
 
     # all_reduce_sum is differentiable: loss = (sum_r x_r)^2 on every rank
     x = torch.tensor(float(rank + 1), requires_grad=True)

@@ -1,4 +1,8 @@
-"""UEO under data parallelism (2 gloo ranks on CPU): global-batch loss and DDP-equivalent gradient."""
+"""UEO and the CLIP/FLYP contrastive loss under data parallelism (2 gloo ranks on CPU).
+
+Both couple samples: with a group, the loss is the global-batch loss on every rank and the
+DDP-averaged gradient equals the single-process gradient on the concatenated batch.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import torch
 import torch.distributed as dist
 from _dist import run_distributed
 
-from robustft.losses import ueo
+from robustft.losses import clip_contrastive, ueo
 
 SPLIT = (3, 5)  # uneven local batches
 
@@ -66,6 +70,28 @@ def _body(rank: int, world_size: int) -> dict[str, float]:
     torch.testing.assert_close(wrong.detach(), single.detach(), atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(grad_det, w_single.grad / world_size, atol=1e-12, rtol=1e-10)
     rel = ((grad_det - w_single.grad).norm() / w_single.grad.norm()).item()
+
+    # CLIP/FLYP contrastive loss: negatives from the global batch, gradients through both gathers
+    gc = torch.Generator().manual_seed(11)
+    img = torch.randn(sum(SPLIT), 5, generator=gc, dtype=torch.float64)
+    txt = torch.randn(sum(SPLIT), 5, generator=gc, dtype=torch.float64)
+    proj_i, proj_t = (torch.randn(5, 4, generator=gc, dtype=torch.float64) for _ in range(2))
+    ps = [proj_i.clone().requires_grad_(True), proj_t.clone().requires_grad_(True)]
+    single_c = clip_contrastive(img @ ps[0], txt @ ps[1], logit_scale=3.0)
+    single_c.backward()
+    pd = [proj_i.clone().requires_grad_(True), proj_t.clone().requires_grad_(True)]
+    hi = lo + SPLIT[rank]
+    loss_c = clip_contrastive(
+        img[lo:hi] @ pd[0], txt[lo:hi] @ pd[1], logit_scale=3.0, group=dist.group.WORLD
+    )
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, single_c.detach(), atol=1e-12, rtol=1e-12)
+    for p_ddp, p_single in zip(pd, ps):
+        g_avg = p_ddp.grad.clone()
+        dist.all_reduce(g_avg)
+        torch.testing.assert_close(g_avg / world_size, p_single.grad, atol=1e-12, rtol=1e-10)
+    local_c = clip_contrastive(img[lo:hi] @ proj_i, txt[lo:hi] @ proj_t, logit_scale=3.0)
+    assert abs(local_c.item() - single_c.item()) > 1e-3  # group=None: local negatives only
 
     # group=None stays local even with an initialised process group
     local = ueo(xs @ weight, cs, trade_off=0.7)

@@ -435,6 +435,12 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         r"clip_contrastive: logit_scale must be a real number or a 0-d floating tensor",
     ),
     (
+        "clip group",
+        lambda: L.clip_contrastive(f, f, group=0),
+        TypeError,
+        r"clip_contrastive: group must be a torch.distributed ProcessGroup or None, got 0",
+    ),
+    (
         "clip empty",
         lambda: L.clip_contrastive(f[:0], f[:0]),
         ValueError,

@@ -12,10 +12,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from robustft._checks import check_floating, check_number, check_same_size
+from robustft._checks import check_floating, check_number, check_same_size, describe
 
 _is_wrapped: Callable[[Tensor], bool] = getattr(
     torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False
@@ -104,3 +105,13 @@ def nan_where_invalid(per_sample: Tensor, labels: Tensor, num_classes: int) -> T
 def safe_labels(labels: Tensor, num_classes: int) -> Tensor:
     """Labels clamped into ``[0, num_classes)`` so gathers never index out of bounds."""
     return labels.clamp(0, num_classes - 1)
+
+
+def check_group(fn: str, group: Any) -> None:
+    """Check ``group`` is ``None`` or a ``torch.distributed.ProcessGroup``."""
+    if group is None:
+        return
+    if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(
+            f"{fn}: group must be a torch.distributed ProcessGroup or None, got {describe(group)}"
+        )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from robustft.losses._common import check_pair, check_scale, compute_dtype, normalize
+from robustft.distributed import all_gather_cat, all_reduce_sum, is_distributed, rank_offset
+from robustft.losses._common import check_group, check_pair, check_scale, compute_dtype, normalize
 from robustft.typing import Scalar
 
 __all__ = ["clip_contrastive"]
@@ -17,6 +20,7 @@ def clip_contrastive(
     text_features: Tensor,
     *,
     logit_scale: Scalar = 100.0,
+    group: Any = None,
 ) -> Tensor:
     r"""Symmetric CLIP contrastive loss over matched (image, text) pairs; FLYP's objective.
 
@@ -31,8 +35,16 @@ def clip_contrastive(
 
     the mean of the image→text and text→image cross-entropies with the other pairs of the batch as
     negatives. For FLYP the text of pair :math:`i` is a templated caption of image :math:`i`'s
-    class (``"a photo of a {class}."``), encoded by the (trained) text tower. Negatives are the
-    local batch; the loss couples samples, so there is no per-sample reduction.
+    class (``"a photo of a {class}."``), encoded by the (trained) text tower. The loss couples
+    samples, so there is no per-sample reduction.
+
+    **Data parallelism.** Without ``group`` the negatives are the local batch. With ``group``
+    (e.g. ``torch.distributed.group.WORLD``) :math:`B` is the *global* batch: each rank gathers
+    every rank's features (:func:`robustft.distributed.all_gather_cat`, differentiable, uneven
+    batch sizes allowed), scores its own rows against all columns, and the row sums are added over
+    ranks (:func:`robustft.distributed.all_reduce_sum`). Every rank returns the global loss, and
+    the rank-averaged gradient (what DDP applies) equals the single-process gradient on the
+    concatenated batch. Memory per rank is ``[local, global]`` logits, not ``[global, global]``.
 
     Args:
         image_features: ``[batch, dim]`` raw image features.
@@ -40,12 +52,14 @@ def clip_contrastive(
             :math:`i`.
         logit_scale: :math:`s > 0`, a real number or a 0-d tensor (CLIP's learned
             ``logit_scale.exp()``, 100 for OpenAI CLIP).
+        group: a ``torch.distributed`` process group whose global batch supplies the negatives,
+            or ``None`` (local batch).
 
     Returns:
         0-d tensor (at least float32).
 
     Raises:
-        TypeError: if an input is not a floating-point tensor.
+        TypeError: if an input is not a floating-point tensor or ``group`` is not a process group.
         ValueError: on wrong ranks, mismatched shapes or ``logit_scale <= 0``.
 
     Example:
@@ -63,11 +77,22 @@ def clip_contrastive(
     fn = "clip_contrastive"
     check_pair(fn, "image_features", image_features, "text_features", text_features)
     check_scale(fn, "logit_scale", logit_scale)
+    check_group(fn, group)
     if image_features.shape[0] == 0:
         raise ValueError(f"{fn}: image_features must hold at least one pair, got shape (0, ...)")
     dtype = compute_dtype(image_features, text_features)
     f = normalize(image_features, dtype)
     g = normalize(text_features, dtype)
-    logits = (f * logit_scale) @ g.T  # [B, B]
-    target = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    if group is None or not is_distributed(group):
+        logits = (f * logit_scale) @ g.T  # [B, B]
+        target = torch.arange(logits.shape[0], device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    # global batch: local rows against every rank's columns, row sums added over ranks
+    f_all, g_all = all_gather_cat(f, group), all_gather_cat(g, group)
+    target = rank_offset(f.shape[0], group, device=f.device) + torch.arange(
+        f.shape[0], device=f.device
+    )
+    image_to_text = F.cross_entropy((f * logit_scale) @ g_all.T, target, reduction="sum")
+    text_to_image = F.cross_entropy((g * logit_scale) @ f_all.T, target, reduction="sum")
+    total = all_reduce_sum((image_to_text + text_to_image).reshape(1), group)
+    return total[0] / (2 * f_all.shape[0])

@@ -8,9 +8,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from robustft._checks import check_floating, check_int, check_number, check_same_size, describe
+from robustft._checks import check_floating, check_int, check_number, check_same_size
 from robustft.distributed import all_reduce_sum, is_distributed
-from robustft.losses._common import check_positive_values, check_scale, compute_dtype
+from robustft.losses._common import (
+    check_group,
+    check_positive_values,
+    check_scale,
+    compute_dtype,
+)
 from robustft.typing import Scalar
 
 __all__ = ["entropy", "ueo", "ueo_confidence"]
@@ -64,15 +69,6 @@ def entropy(logits: Tensor, *, dim: int = -1) -> Tensor:
 def _zero_neginf(logp: Tensor) -> Tensor:
     """``log p`` with ``-inf`` (p = 0) replaced by 0, so ``p * log p`` and its gradient are 0."""
     return torch.where(torch.isneginf(logp), torch.zeros_like(logp), logp)
-
-
-def _check_group(fn: str, group: Any) -> None:
-    if group is None:
-        return
-    if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
-        raise TypeError(
-            f"{fn}: group must be a torch.distributed ProcessGroup or None, got {describe(group)}"
-        )
 
 
 def ueo(
@@ -142,7 +138,7 @@ def ueo(
     if logits.shape[0] == 0:
         raise ValueError(f"{fn}: logits must hold at least one sample, got shape (0, ...)")
     check_number(fn, "trade_off", trade_off, low=0.0, allow_tensor=True)
-    _check_group(fn, group)
+    check_group(fn, group)
     check_positive_values(fn, "confidence", confidence)
     reduce = group is not None and is_distributed(group)
 
