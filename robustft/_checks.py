@@ -13,7 +13,7 @@ Python numbers); they never read tensor *values*, so they are safe in hot paths,
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,9 +32,24 @@ __all__ = [
     "check_same_size",
     "check_tensor",
     "describe",
+    "is_functorch_wrapped",
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
+
+_functorch_probe: Callable[[Tensor], bool] = getattr(
+    torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False
+)
+
+
+def is_functorch_wrapped(t: Tensor) -> bool:
+    """Whether ``t`` is a ``torch.func`` wrapper (batched by ``vmap``, tracked by ``grad``).
+
+    Such tensors take the per-tensor paths (no ``torch._foreach_*``, no value reads). A metadata
+    probe: no tensor value is read. Not traceable by dynamo: check
+    ``torch.compiler.is_compiling()`` first.
+    """
+    return bool(_functorch_probe(t))
 
 
 def describe(value: Any) -> str:

@@ -104,3 +104,17 @@ def test_apply_reduction() -> None:
     assert c.apply_reduction("f", per, "none") is per
     with pytest.raises(ValueError, match=r"f: reduction must be one of"):
         c.apply_reduction("f", per, "max")
+
+
+def test_is_functorch_wrapped() -> None:
+    x = torch.randn(3, 2)
+    assert not c.is_functorch_wrapped(x)
+    seen: list[bool] = []
+
+    def probe(row: torch.Tensor) -> torch.Tensor:
+        seen.append(c.is_functorch_wrapped(row))
+        return row.sum()
+
+    torch.func.vmap(probe)(x)
+    torch.func.grad(probe)(x[0])
+    assert seen == [True, True]

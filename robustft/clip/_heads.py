@@ -20,6 +20,7 @@ from robustft.clip._common import (
     eval_mode,
     model_device,
 )
+from robustft.tree import accumulation_dtype
 
 __all__ = ["context_prototypes", "zero_shot_head"]
 
@@ -58,7 +59,7 @@ def _grouped_text_means(
             tokens = tokenizer(texts).to(device)
             feats = call_method(model, "encode_text", tree, tokens)
             if sums is None:
-                dtype = torch.promote_types(feats.dtype, torch.float32)
+                dtype = accumulation_dtype(feats.dtype)
                 sums = feats.new_zeros(n_cls if by_class else n_tpl, feats.shape[-1], dtype=dtype)
             group = torch.tensor(
                 [i // n_tpl if by_class else i % n_tpl for i in idx], device=feats.device

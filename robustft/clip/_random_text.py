@@ -25,6 +25,7 @@ from robustft.clip._common import (
     special_ids,
 )
 from robustft.losses import energy_gap
+from robustft.tree import accumulation_dtype
 from robustft.typing import Scalar
 
 __all__ = ["RandomTextBank", "energy_gap_metric", "random_text_tokens"]
@@ -220,7 +221,7 @@ class RandomTextBank(NamedTuple):
             for start in range(0, num_texts, batch_size):
                 batch = tokens[start : start + batch_size].to(run_device)
                 feats = call_method(model, "encode_text", tree, batch)
-                out = F.normalize(feats.to(torch.promote_types(feats.dtype, torch.float32)), dim=-1)
+                out = F.normalize(feats.to(accumulation_dtype(feats.dtype)), dim=-1)
                 chunks.append(out.to(device=device, dtype=dtype or feats.dtype))
         return cls(features=torch.cat(chunks), tokens=tokens)
 

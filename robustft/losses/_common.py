@@ -8,7 +8,6 @@ make a bad value visible as NaN instead of a silent number, so no hot path waits
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,10 +15,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from robustft._checks import check_floating, check_number, check_same_size, describe
-
-_is_wrapped: Callable[[Tensor], bool] = getattr(
-    torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False
+from robustft._checks import (
+    check_floating,
+    check_number,
+    check_same_size,
+    describe,
+    is_functorch_wrapped,
 )
 
 
@@ -62,7 +63,7 @@ def values_readable(t: Tensor) -> bool:
     """
     if torch.compiler.is_compiling():
         return False
-    if _is_wrapped(t) or type(t) not in (Tensor, torch.nn.Parameter):
+    if is_functorch_wrapped(t) or type(t) not in (Tensor, torch.nn.Parameter):
         return False
     return t.device.type == "cpu"
 

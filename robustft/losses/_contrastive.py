@@ -88,7 +88,8 @@ def clip_contrastive(
         target = torch.arange(logits.shape[0], device=logits.device)
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
     # global batch: local rows against every rank's columns, row sums added over ranks
-    f_all, g_all = all_gather_cat(f, group), all_gather_cat(g, group)
+    both = all_gather_cat(torch.stack([f, g], dim=1), group)  # one collective for both towers
+    f_all, g_all = both[:, 0], both[:, 1]
     target = rank_offset(f.shape[0], group, device=f.device) + torch.arange(
         f.shape[0], device=f.device
     )

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from robustft.losses._common import _is_wrapped
+from robustft._checks import is_functorch_wrapped
 from robustft.tree import accumulation_dtype, check_same_structure
 
 __all__ = ["l2sp"]
@@ -20,7 +20,7 @@ def _fast_ok(tensors: list[Tensor]) -> bool:
     """Whether the multi-tensor ``torch._foreach_*`` kernels (with autograd support) may be used."""
     if torch.compiler.is_compiling():
         return False
-    return all(type(t) in _PLAIN and not _is_wrapped(t) for t in tensors)
+    return all(type(t) in _PLAIN and not is_functorch_wrapped(t) for t in tensors)
 
 
 def _group(keys: list[str], params: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> Any:

@@ -10,14 +10,14 @@ is one ``torch.lerp`` per tensor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from robustft import tree
-from robustft._checks import check_number, check_per_tensor, describe
+from robustft._checks import check_number, check_per_tensor, describe, is_functorch_wrapped
 
 __all__ = ["apply_scale", "check_trees", "deviation_norms", "l2_ball", "mars_ball", "scale_of"]
 
@@ -25,10 +25,6 @@ NORMS = ("l2", "mars")
 
 _CHUNK = 1 << 18
 """Elements per chunk of the fused difference-norm pass (1 MiB of float32: stays in L2 cache)."""
-
-_is_wrapped: Callable[[Tensor], bool] = getattr(
-    torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False
-)
 
 
 def check_trees(fn: str, anchor: Any, params: Any) -> None:
@@ -77,7 +73,12 @@ def _norm(d: Tensor, kind: str, acc: torch.dtype) -> Tensor:
 def _fused_ok(p: Tensor, a: Tensor) -> bool:
     if torch.compiler.is_compiling():  # the compiler fuses p - a into the norm by itself
         return False
-    if type(p) is not Tensor or type(a) is not Tensor or _is_wrapped(p) or _is_wrapped(a):
+    if (
+        type(p) is not Tensor
+        or type(a) is not Tensor
+        or is_functorch_wrapped(p)
+        or is_functorch_wrapped(a)
+    ):
         return False
     if torch.is_grad_enabled() and (p.requires_grad or a.requires_grad):
         return False

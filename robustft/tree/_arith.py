@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from robustft._checks import check_per_tensor, describe
+from robustft._checks import check_per_tensor, describe, is_functorch_wrapped
 from robustft.tree._structure import check_same_structure, check_tree
 
 __all__ = [
@@ -32,10 +32,6 @@ __all__ = [
     "sub",
 ]
 
-_is_wrapped: Callable[[Tensor], bool] = getattr(
-    torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False
-)
-
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype reductions accumulate in: at least float32 (bf16/fp16 sums lose digits)."""
@@ -48,7 +44,7 @@ def _foreach_ok(tensors: Sequence[Tensor]) -> bool:
         return False
     if torch.compiler.is_compiling():  # inductor lowers foreach ops; dynamo can't trace the probe
         return True
-    return not any(_is_wrapped(t) for t in tensors)
+    return not any(is_functorch_wrapped(t) for t in tensors)
 
 
 def _groups(trees: Sequence[Mapping[str, Tensor]]) -> list[list[str]]:
