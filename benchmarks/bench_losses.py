@@ -10,6 +10,9 @@ Real run (the issue's sizes; prints the ratio table)::
 
 Every kernel and baseline is forward + backward (``torch.autograd.grad``) from the same raw
 inputs. Text features are frozen constants (no gradient), as in CLIPood and Lipsum-FT.
+
+L2-SP (issue 13) is timed as a whole training step (loss + backward into ``.grad``) beside the
+same step without the penalty, and its peak memory is compared with that step's.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustft.losses import energy_gap, margin_metric_softmax, text_distances
+from robustft.losses import energy_gap, l2sp, margin_metric_softmax, text_distances
 
 S = 100.0
 
@@ -117,7 +120,10 @@ def test_energy_gap_overhead_on_ce_step(compare: Any, sizes: dict[str, int]) -> 
         return F.cross_entropy(S * F.normalize(f, dim=-1) @ head.T, y)
 
     def kernel() -> Any:
-        return torch.autograd.grad(ce() + energy_gap(f, f0, texts, logit_scale=S), (f, head))
+        return torch.autograd.grad(
+            ce() + energy_gap(f, reference_features=f0, text_features=texts, logit_scale=S),
+            (f, head),
+        )
 
     def baseline() -> Any:
         return torch.autograd.grad(ce(), (f, head))
@@ -130,3 +136,107 @@ def test_energy_gap_overhead_on_ce_step(compare: Any, sizes: dict[str, int]) -> 
         target=1.5,
         rounds=41,
     )
+
+
+# ---------------------------------------------------------------- L2-SP step
+
+
+class _Step:
+    """A model-ish fine-tuning step: ``depth`` linear layers of ``width`` (the tree: 2·depth tensors,
+    each weight ~1/depth of it, like ViT-B/16's largest tensor at 2.7 %) on ``rows`` token rows
+    (a ViT-B/16 step at batch 32 has 6,304), CE + backward into ``.grad`` (+ AdamW)."""
+
+    def __init__(self, width: int, depth: int, rows: int) -> None:
+        g = torch.Generator().manual_seed(2)
+        torch.manual_seed(2)
+        self.model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)])
+        self.params = dict(self.model.named_parameters())
+        self.anchor = {k: v.detach().clone() for k, v in self.params.items()}
+        with torch.no_grad():  # a fine-tuned state away from the anchor
+            for v in self.params.values():
+                v.add_(torch.randn(v.shape, generator=g), alpha=1e-3)
+        self.x = torch.randn(rows, width, generator=g)
+        self.y = torch.randint(0, width, (rows,), generator=g)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-12)
+        self.tree_bytes = sum(v.numel() * v.element_size() for v in self.params.values())
+
+    def ft(self, optimise: bool = False) -> None:
+        self.model.zero_grad(set_to_none=True)
+        self.ft_body()
+        if optimise:
+            self.opt.step()
+
+    def l2sp(self, optimise: bool = False) -> None:
+        self.model.zero_grad(set_to_none=True)
+        self.l2sp_body()
+        if optimise:
+            self.opt.step()
+
+    def ft_body(self) -> None:
+        F.cross_entropy(self.model(self.x), self.y).backward()
+
+    def l2sp_body(self, before: bool = False) -> None:
+        if before:  # the penalty computed before the model's forward
+            reg = l2sp(self.params, anchor=self.anchor)
+            loss = F.cross_entropy(self.model(self.x), self.y) + 0.1 * reg
+        else:
+            loss = F.cross_entropy(self.model(self.x), self.y)
+            loss = loss + 0.1 * l2sp(self.params, anchor=self.anchor)
+        loss.backward()
+
+    def peak(self, body: Any) -> float:
+        """Peak bytes allocated by ``body`` in trees, from a state without gradients."""
+        from _memory import peak_alloc_bytes
+
+        self.model.zero_grad(set_to_none=True)  # outside the measurement: frees count as negative
+        return peak_alloc_bytes(body) / self.tree_bytes
+
+
+@pytest.fixture
+def step_sizes(request: pytest.FixtureRequest) -> dict[str, int]:
+    if request.config.getoption("benchmark_disable", False):
+        return {"width": 32, "depth": 24, "rows": 16}
+    return {"width": 512, "depth": 24, "rows": 1024}
+
+
+def test_l2sp_step_vs_ft_step(compare: Any, step_sizes: dict[str, int]) -> None:
+    s = _Step(**step_sizes)
+    compare(
+        "CE + l2sp step (loss + backward)",
+        s.l2sp,
+        "CE step (loss + backward)",
+        s.ft,
+        target=1.1,
+        rounds=15,
+    )
+
+
+def test_l2sp_training_step_with_adamw(compare: Any, step_sizes: dict[str, int]) -> None:
+    s = _Step(**step_sizes)
+    s.ft(optimise=True)  # AdamW's state exists before timing
+    compare(
+        "CE + l2sp step + AdamW",
+        lambda: s.l2sp(optimise=True),
+        "CE step + AdamW",
+        lambda: s.ft(optimise=True),
+        target=None,
+        rounds=9,
+    )
+
+
+@pytest.mark.parametrize("order", ["after", "before"])
+def test_l2sp_step_peak_memory(benchmark: Any, step_sizes: dict[str, int], order: str) -> None:
+    """Peak bytes of the L2-SP step <= the FT step's + 0.1 tree (the penalty computed after or
+    before the model's forward)."""
+    s = _Step(**step_sizes)
+    ft_peak = s.peak(s.ft_body)
+    l2_peak = s.peak(lambda: s.l2sp_body(before=order == "before"))
+    benchmark.extra_info.update(
+        {"ft_peak_trees": ft_peak, "l2sp_peak_trees": l2_peak, "excess_trees": l2_peak - ft_peak}
+    )
+    print(
+        f"\nL2-SP step peak ({order} the forward): {l2_peak:.3f} trees vs FT {ft_peak:.3f} "
+        f"(+{l2_peak - ft_peak:.3f}, target <= +0.1)"
+    )
+    assert l2_peak <= ft_peak + 0.1, (l2_peak, ft_peak)
+    benchmark.pedantic(lambda: s.l2sp_body(before=order == "before"), rounds=1, iterations=1)

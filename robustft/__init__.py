@@ -2,34 +2,67 @@
 
 Use the submodules inside your own training loop::
 
-    from robustft import losses, averaging, projections, metrics, scores, tree
+    from robustft import losses, averaging, merging, projections, metrics, scores, tree
 
-``robustft.clip`` (open_clip integration) is imported lazily, only when you touch it.
+Where things live, by mechanism: :mod:`~robustft.losses` (objectives), :mod:`~robustft.averaging`
+(averages *along* a run: BMA, EMA, uniform), :mod:`~robustft.merging` (combinations *across*
+finished runs: WiSE-FT, soups), :mod:`~robustft.projections` (constraints *around* the pre-trained
+weights: L2/MARS balls, TPGM), :mod:`~robustft.metrics` and :mod:`~robustft.scores` (evaluation),
+:mod:`~robustft.tree` (parameter-tree arithmetic), :mod:`~robustft.clip` (open_clip models) and
+:mod:`~robustft.distributed` (collectives). Submodules are imported lazily, on first attribute
+access, so ``import robustft`` stays cheap; type checkers see them through the imports below.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from robustft._version import __version__
 
-__all__ = ["__version__"]
+# Registers the averaging states with torch.serialization, so a checkpoint holding one loads with
+# torch.load's default weights_only=True in a process that only ran `import robustft`. Light: torch
+# and the tree core, never open_clip.
+from robustft.averaging import _states as _averaging_states  # noqa: F401
 
-_SUBMODULES = {
+if TYPE_CHECKING:  # static view of the lazily imported submodules
+    from robustft import (
+        averaging,
+        clip,
+        distributed,
+        losses,
+        merging,
+        metrics,
+        projections,
+        scores,
+        tree,
+        typing,
+    )
+
+__all__ = [
+    "__version__",
     "averaging",
     "clip",
     "distributed",
     "losses",
+    "merging",
     "metrics",
     "projections",
     "scores",
     "tree",
     "typing",
-}
+]
+
+_SUBMODULES = frozenset(__all__) - {"__version__"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
-        return importlib.import_module(f"robustft.{name}")
+        module = importlib.import_module(f"robustft.{name}")
+        globals()[name] = module  # later lookups skip this hook
+        return module
     raise AttributeError(f"module 'robustft' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _SUBMODULES)

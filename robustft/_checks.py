@@ -13,26 +13,37 @@ Python numbers); they never read tensor *values*, so they are safe in hot paths,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+import numbers
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
     "apply_reduction",
     "check_choice",
+    "check_device",
+    "check_dtype",
     "check_floating",
+    "check_floating_tree",
+    "check_group",
     "check_int",
     "check_labels",
     "check_ndim",
     "check_number",
     "check_per_tensor",
+    "check_per_tensor_scalar",
     "check_reduction",
     "check_same_size",
+    "check_scalar",
     "check_tensor",
+    "check_tensor_tree",
     "describe",
+    "fmt_keys",
     "is_functorch_wrapped",
+    "is_real_number",
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -66,6 +77,20 @@ def describe(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def is_real_number(value: Any) -> bool:
+    """Whether ``value`` is a real Python or NumPy number (``bool`` and ``numpy.bool_`` excluded)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return False
+    return isinstance(value, numbers.Real)
+
+
+def _interval(low: float | None, high: float | None, low_inc: bool, high_inc: bool) -> str:
+    lb = "-inf" if low is None else repr(low)
+    hb = "inf" if high is None else repr(high)
+    text = ("[" if low_inc and low is not None else "(") + f"{lb}, {hb}"
+    return text + ("]" if high_inc and high is not None else ")")
+
+
 def check_number(
     fn: str,
     name: str,
@@ -76,9 +101,12 @@ def check_number(
     low_inclusive: bool = True,
     high_inclusive: bool = True,
     allow_tensor: bool = False,
+    finite: bool = True,
 ) -> float:
     """Check a real number lies in an interval; return it as a Python float.
 
+    Python and NumPy numbers are accepted (``bool`` is not). NaN is always rejected; ``±inf`` is
+    rejected unless ``finite=False`` (a threshold may be infinite, a scale or temperature may not).
     ``allow_tensor`` admits 0-d floating tensors; their value is *not* read (no ``.item()``) and the
     interval is then not checked, so traced or compiled callers keep working.
     """
@@ -88,26 +116,41 @@ def check_number(
                 f"{fn}: {name} must be a real number or a 0-d floating tensor, got {describe(value)}"
             )
         return value  # type: ignore[return-value]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{fn}: {name} must be a real number, got {describe(value)}")
+    if not is_real_number(value):
+        what = "a real number or a 0-d floating tensor" if allow_tensor else "a real number"
+        raise TypeError(f"{fn}: {name} must be {what}, got {describe(value)}")
     x = float(value)
     if math.isnan(x):
         raise ValueError(f"{fn}: {name} must not be NaN, got {value!r}")
+    if finite and math.isinf(x):
+        interval = _interval(low, high, low_inclusive, high_inclusive)
+        raise ValueError(f"{fn}: {name} must be a finite number in {interval}, got {value!r}")
     lo_ok = low is None or (x >= low if low_inclusive else x > low)
     hi_ok = high is None or (x <= high if high_inclusive else x < high)
     if not (lo_ok and hi_ok):
-        lb = "-inf" if low is None else repr(low)
-        hb = "inf" if high is None else repr(high)
-        interval = ("[" if low_inclusive and low is not None else "(") + f"{lb}, {hb}"
-        interval += "]" if high_inclusive and high is not None else ")"
+        interval = _interval(low, high, low_inclusive, high_inclusive)
         raise ValueError(f"{fn}: {name} must be in {interval}, got {value!r}")
     return x
 
 
+def check_scalar(fn: str, name: str, value: Any, *, positive: bool = False) -> Any:
+    """A finite real number (Python or NumPy) or a 0-d floating tensor (value not read).
+
+    Numbers come back as Python floats; tensors unchanged. ``positive`` requires ``> 0`` of numbers.
+    """
+    low = 0 if positive else None
+    return check_number(fn, name, value, low=low, low_inclusive=not positive, allow_tensor=True)
+
+
 def check_int(fn: str, name: str, value: Any, *, low: int | None = None) -> int:
-    """Check ``value`` is a Python int (not bool) with ``value >= low``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Check ``value`` is a Python or NumPy integer (not bool) with ``value >= low``; return an int."""
+    if (
+        isinstance(value, bool)
+        or type(value).__name__ == "bool_"
+        or not isinstance(value, numbers.Integral)
+    ):
         raise TypeError(f"{fn}: {name} must be an int, got {describe(value)}")
+    value = int(value)
     if low is not None and value < low:
         raise ValueError(f"{fn}: {name} must be an int >= {low}, got {value!r}")
     return value
@@ -172,10 +215,11 @@ def check_same_size(
 
 
 def check_labels(fn: str, name: str, labels: Any, *, batch: int | None = None) -> Tensor:
-    """Check ``labels`` is a 1-d integer tensor (optionally of length ``batch``).
+    """Check ``labels`` is a 1-d integer tensor (optionally of length ``batch``); return it as int64.
 
-    Values are not read here (no host sync); range checks that need values belong in eager-only
-    paths (metrics), never in losses.
+    Every integer dtype is accepted (int64, int32, int16, int8, uint8, ...) and converted to int64,
+    the index dtype torch's gathers and ``cross_entropy`` require; use the returned tensor. Values
+    are not read here (no host sync); range checks that need values belong in eager-only paths.
     """
     check_tensor(fn, name, labels)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -185,7 +229,7 @@ def check_labels(fn: str, name: str, labels: Any, *, batch: int | None = None) -
         raise ValueError(
             f"{fn}: {name} must have length {batch} (the batch size), got shape {tuple(labels.shape)}"
         )
-    return labels
+    return labels if labels.dtype == torch.int64 else labels.long()
 
 
 def check_per_tensor(fn: str, name: str, value: Any, keys: Collection[str]) -> None:
@@ -200,14 +244,143 @@ def check_per_tensor(fn: str, name: str, value: Any, keys: Collection[str]) -> N
             )
 
 
+def fmt_keys(keys: Iterable[str], limit: int = 10) -> str:
+    """Sorted keys for an error message, at most ``limit`` of them and a count of the rest."""
+    keys = sorted(keys)
+    if len(keys) <= limit:
+        return repr(keys)
+    return repr(keys[:limit])[:-1] + f", ... ({len(keys) - limit} more)]"
+
+
+def check_tensor_tree(fn: str, name: str, tree: Any) -> Mapping[str, Tensor]:
+    """A parameter tree: a ``Mapping`` with ``str`` keys and ``torch.Tensor`` leaves (any dtype).
+
+    The structural half of :func:`check_floating_tree`; ``robustft.tree.check_tree`` is this.
+    """
+    if not isinstance(tree, Mapping):
+        raise TypeError(
+            f"{fn}: {name} must be a mapping from parameter names to tensors "
+            f"(e.g. dict(model.named_parameters())), got {describe(tree)}"
+        )
+    bad_keys = [k for k in tree if not isinstance(k, str)]
+    if bad_keys:
+        raise TypeError(f"{fn}: {name} must have str keys, got non-str keys {bad_keys[:10]!r}")
+    bad = [k for k, v in tree.items() if not isinstance(v, Tensor)]
+    if bad:
+        kinds = sorted({type(tree[k]).__name__ for k in bad})
+        raise TypeError(
+            f"{fn}: {name} must have torch.Tensor leaves, got non-tensor leaves "
+            f"({', '.join(kinds)}) at keys {fmt_keys(bad)}"
+        )
+    return tree
+
+
+def check_floating_tree(fn: str, name: str, tree: Any, *, hint: str = "") -> Mapping[str, Tensor]:
+    """A parameter tree (``Mapping[str, Tensor]``) whose leaves are all floating-point tensors.
+
+    The one home of the tree check every weight-space function shares (averages, merges,
+    projections, norms). ``hint`` is appended to the dtype error (e.g. how to drop int buffers).
+    """
+    check_tensor_tree(fn, name, tree)
+    bad = [k for k, v in tree.items() if not v.is_floating_point()]
+    if bad:
+        dtypes = sorted({str(tree[k].dtype) for k in bad})
+        raise TypeError(
+            f"{fn}: {name} must hold floating-point tensors only, got {', '.join(dtypes)} at keys "
+            f"{fmt_keys(bad)}" + (f"; {hint}" if hint else "")
+        )
+    return tree
+
+
+def check_per_tensor_scalar(
+    fn: str,
+    name: str,
+    value: Any,
+    keys: Collection[str],
+    *,
+    low: float | None = None,
+    low_inclusive: bool = True,
+    finite: bool = True,
+) -> Any:
+    """A per-tensor scalar (``PerTensor[Scalar]``): a number, a 0-d floating tensor, or a mapping.
+
+    The one validator of weights, factors, interpolation coefficients and radii over a tree.
+    Numbers (Python or NumPy, not ``bool``) are checked by :func:`check_number` (``low``,
+    ``finite``) and come back as Python floats; 0-d floating tensors come back unchanged (values
+    not read); a mapping must have exactly ``keys`` and comes back as a ``dict`` in ``keys``'
+    order with each entry normalised the same way (errors name the entry, ``name['key']``).
+    """
+
+    def one(entry: str, v: Any) -> Any:
+        if isinstance(v, Tensor):
+            if v.ndim != 0 or not v.is_floating_point():
+                raise TypeError(
+                    f"{fn}: {entry} must be a real number or a 0-d floating tensor, "
+                    f"got {describe(v)}"
+                )
+            return v
+        if not is_real_number(v):
+            raise TypeError(
+                f"{fn}: {entry} must be a real number or a 0-d floating tensor, got {describe(v)}"
+            )
+        return check_number(fn, entry, v, low=low, low_inclusive=low_inclusive, finite=finite)
+
+    if isinstance(value, Mapping):
+        check_per_tensor(fn, name, value, keys)
+        return {k: one(f"{name}[{k!r}]", value[k]) for k in keys}
+    if not isinstance(value, Tensor) and not is_real_number(value):
+        raise TypeError(
+            f"{fn}: {name} must be a real number, a 0-d floating tensor or a dict of them with "
+            f"the tree's keys, got {describe(value)}"
+        )
+    return one(name, value)
+
+
+def check_device(fn: str, name: str, device: Any) -> torch.device | None:
+    """``None``, a ``torch.device`` or a ``str`` naming one (``'cpu'``, ``'cuda:0'``)."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    if isinstance(device, str):
+        try:
+            return torch.device(device)
+        except RuntimeError as err:
+            raise ValueError(
+                f"{fn}: {name} must name a torch device (e.g. 'cpu', 'cuda:0'), got {device!r}"
+            ) from err
+    raise TypeError(f"{fn}: {name} must be None, a str or a torch.device, got {describe(device)}")
+
+
+def check_dtype(fn: str, name: str, dtype: Any, *, floating: bool = True) -> torch.dtype:
+    """A ``torch.dtype`` (floating-point unless ``floating=False``)."""
+    if not isinstance(dtype, torch.dtype) or (floating and not dtype.is_floating_point):
+        what = "a floating-point torch.dtype (e.g. torch.float32)" if floating else "a torch.dtype"
+        raise TypeError(f"{fn}: {name} must be {what}, got {describe(dtype)}")
+    return dtype
+
+
+def check_group(fn: str, group: Any) -> Any:
+    """``None`` or a ``torch.distributed.ProcessGroup``."""
+    if group is None:
+        return None
+    if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(
+            f"{fn}: group must be a torch.distributed ProcessGroup or None, got {describe(group)}"
+        )
+    return group
+
+
 def apply_reduction(fn: str, per_sample: Tensor, reduction: str) -> Tensor:
     """Reduce a per-sample loss ``[B]``: ``"mean"`` → 0-d mean, ``"sum"`` → 0-d sum, ``"none"`` → ``[B]``.
 
-    The one place where every loss applies its ``reduction`` argument (SPEC §0).
+    The one place where every loss applies its ``reduction`` argument (SPEC §0), and so the one
+    home of the **empty-batch rule**: with ``B = 0`` samples, ``"none"`` gives an empty ``[0]``,
+    ``"sum"`` gives 0 and ``"mean"`` gives 0 (not the 0/0 = NaN of ``Tensor.mean``), each with a
+    zero, finite gradient -- so a rank or a filtered batch without samples contributes nothing.
+    The batch size is shape metadata, so the rule costs no device sync and compiles.
     """
     check_reduction(fn, reduction)
     if reduction == "mean":
-        return per_sample.mean()
+        return per_sample.sum() if per_sample.shape[0] == 0 else per_sample.mean()
     if reduction == "sum":
         return per_sample.sum()
     return per_sample

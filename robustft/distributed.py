@@ -15,18 +15,37 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from robustft._checks import check_tensor
+from robustft._checks import check_device, check_group, check_int, check_tensor
+from robustft.typing import Device, Group
 
 __all__ = ["all_gather_cat", "all_reduce_sum", "is_distributed", "rank_offset", "world_size"]
 
 
-def is_distributed(group: Any = None) -> bool:
-    """True when ``torch.distributed`` is initialised and ``group`` (or the world) has > 1 rank."""
+def is_distributed(group: Group = None) -> bool:
+    """True when ``torch.distributed`` is initialised and ``group`` (or the world) has > 1 rank.
+
+    Raises:
+        TypeError: if ``group`` is neither ``None`` nor a process group.
+
+    Example:
+        >>> is_distributed()  # a single process without torch.distributed.init_process_group
+        False
+    """
+    check_group("is_distributed", group)
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def world_size(group: Any = None) -> int:
-    """Number of ranks in ``group`` (1 when not distributed)."""
+def world_size(group: Group = None) -> int:
+    """Number of ranks in ``group`` (1 when not distributed).
+
+    Raises:
+        TypeError: if ``group`` is neither ``None`` nor a process group.
+
+    Example:
+        >>> world_size()
+        1
+    """
+    check_group("world_size", group)
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return int(dist.get_world_size(group))
@@ -49,7 +68,7 @@ class _AllReduceSum(torch.autograd.Function):
         return out, None
 
 
-def all_reduce_sum(tensor: Tensor, group: Any = None) -> Tensor:
+def all_reduce_sum(tensor: Tensor, group: Group = None) -> Tensor:
     """Sum ``tensor`` over the ranks of ``group``, differentiably.
 
     .. math:: S = \\sum_{r=1}^{W} s_r
@@ -73,21 +92,29 @@ def all_reduce_sum(tensor: Tensor, group: Any = None) -> Tensor:
 
     Returns:
         A new tensor with the global sum (the input is not modified).
+
+    Raises:
+        TypeError: if ``tensor`` is not a tensor or ``group`` is neither ``None`` nor a process
+            group.
+
+    Example:
+        >>> all_reduce_sum(torch.tensor([1.0, 2.0]))  # one process: the sum over one rank
+        tensor([1., 2.])
     """
     check_tensor("all_reduce_sum", "tensor", tensor)
+    check_group("all_reduce_sum", group)
     if not is_distributed(group):
         return tensor
-    if group is None:
-        group = dist.group.WORLD
+    pg: Any = dist.group.WORLD if group is None else group
     if torch.compiler.is_compiling():  # pragma: no cover - exercised only on compiled DDP runs
         from torch.distributed import _functional_collectives as fc
 
-        return fc.all_reduce(tensor, "sum", group)
-    out: Tensor = _AllReduceSum.apply(tensor, group)
+        return fc.all_reduce(tensor, "sum", pg)
+    out: Tensor = _AllReduceSum.apply(tensor, pg)
     return out
 
 
-def _gather_counts(n: int, device: torch.device, group: Any) -> list[int]:
+def _gather_counts(n: int, device: torch.device, group: Group) -> list[int]:
     size = torch.tensor([n], device=device, dtype=torch.long)
     sizes = [torch.empty_like(size) for _ in range(world_size(group))]
     dist.all_gather(sizes, size, group=group)
@@ -117,7 +144,7 @@ class _AllGatherCat(torch.autograd.Function):
         return total[lo:hi], None
 
 
-def all_gather_cat(tensor: Tensor, group: Any = None) -> Tensor:
+def all_gather_cat(tensor: Tensor, group: Group = None) -> Tensor:
     """Concatenate along dim 0 the tensors of every rank, whose first dimensions may differ.
 
     .. math:: G = [x_1; x_2; \\dots; x_W], \\qquad x_r \\in \\mathbb{R}^{n_r \\times \\cdots}
@@ -135,9 +162,20 @@ def all_gather_cat(tensor: Tensor, group: Any = None) -> Tensor:
             Without a distributed group (or with one rank), ``tensor`` itself is returned.
 
     Returns:
-        ``[sum_r n_r, ...]``, identical on every rank.
+        ``[sum_r n_r, ...]``, identical on every rank. A rank may contribute 0 rows (every rank
+        must still call it, and run the backward when the result is differentiated).
+
+    Raises:
+        TypeError: if ``tensor`` is not a tensor or ``group`` is neither ``None`` nor a process
+            group.
+        ValueError: if ``tensor`` is 0-d.
+
+    Example:
+        >>> all_gather_cat(torch.arange(3))  # one process: this rank's rows are all the rows
+        tensor([0, 1, 2])
     """
     check_tensor("all_gather_cat", "tensor", tensor)
+    check_group("all_gather_cat", group)
     if tensor.ndim == 0:
         raise ValueError(
             f"all_gather_cat: tensor must have at least 1 dimension, got shape {tuple(tensor.shape)}"
@@ -150,20 +188,32 @@ def all_gather_cat(tensor: Tensor, group: Any = None) -> Tensor:
     return out
 
 
-def rank_offset(n: int, group: Any = None, *, device: torch.device | str = "cpu") -> int:
+def rank_offset(n: int, group: Group = None, *, device: Device = "cpu") -> int:
     """Index of this rank's first row in :func:`all_gather_cat` of ``n``-row tensors (0 alone).
 
     Args:
-        n: this rank's number of rows.
+        n: this rank's number of rows (>= 0).
         group: the process group of the gather (``None``: the default group, if any).
         device: where the size exchange runs (``"cuda"`` for NCCL).
 
     Returns:
         ``sum of n_r over ranks r before this one``.
+
+    Raises:
+        TypeError: if ``n`` is not an int, ``group`` is neither ``None`` nor a process group, or
+            ``device`` is not a device.
+        ValueError: if ``n < 0`` or ``device`` names no device.
+
+    Example:
+        >>> rank_offset(5)  # one process: its rows start the gathered tensor
+        0
     """
+    n = check_int("rank_offset", "n", n, low=0)
+    check_group("rank_offset", group)
+    device = check_device("rank_offset", "device", device) or torch.device("cpu")
     if not is_distributed(group):
         return 0
     if group is None:
         group = dist.group.WORLD
-    counts = _gather_counts(n, torch.device(device), group)
+    counts = _gather_counts(n, device, group)
     return sum(counts[: dist.get_rank(group)])

@@ -12,7 +12,14 @@ import torch
 from _memory import peak_alloc_bytes
 from hypothesis import given
 from hypothesis import strategies as st
-from reference.averaging_ref import beta_weights_ref, bma_ref, ema_ref, uniform_ref
+from reference.averaging_ref import (
+    beta_weights_logspace_ref,
+    beta_weights_ref,
+    bma_logspace_ref,
+    bma_ref,
+    ema_ref,
+    uniform_ref,
+)
 from strategies import tree_pairs, trees
 from torch import nn
 
@@ -42,6 +49,11 @@ def run(avg: averaging.Averager, traj: list[dict[str, Any]], *, in_place: bool) 
     return state
 
 
+def counters(state: Any) -> tuple[float, ...]:
+    """The state's counters as Python numbers (step, and BMA's log weight sum)."""
+    return tuple(float(getattr(state, f)) for f in ("step", "log_weight_sum") if f in state._fields)
+
+
 def assert_trees_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert list(a) == list(b)
     for k in a:
@@ -69,20 +81,37 @@ def test_beta_weights_match_scipy(total_steps: int, beta: float) -> None:
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "err", "match"),
-    [
-        ({"total_steps": 0}, ValueError, r"beta_weights: total_steps must be an int >= 1, got 0"),
-        ({"total_steps": 2.0}, TypeError, r"beta_weights: total_steps must be an int, got 2.0"),
-        ({"total_steps": 3, "beta": 0.0}, ValueError, r"beta_weights: beta must be in \(0.0, "),
-        ({"total_steps": 3, "beta": -1}, ValueError, r"beta_weights: beta must be in \(0.0, "),
-        ({"total_steps": 3, "beta": math.inf}, ValueError, r"beta_weights: beta must be a finite"),
-        ({"total_steps": 3, "beta": "0.5"}, TypeError, r"beta_weights: beta must be a real"),
-    ],
-)
-def test_beta_weights_bad_input(kwargs: dict[str, Any], err: type, match: str) -> None:
-    with pytest.raises(err, match=match):
-        averaging.beta_weights(**kwargs)
+@pytest.mark.parametrize(("total_steps", "beta"), [(1000, 150.0), (1000, 500.0), (50, 2000.0)])
+def test_beta_weights_in_the_hundreds_match_scipy(total_steps: int, beta: float) -> None:
+    # the first and last weights are below float64's range: 0 in both, no overflow, no NaN
+    got = averaging.beta_weights(total_steps, beta=beta)
+    ref = torch.tensor(beta_weights_ref(total_steps, beta), dtype=torch.float64)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got == 0, ref == 0)
+    if beta >= 500:
+        assert got[0] == 0 and got[total_steps // 2] > 1
+    normal = ref > 1e-300
+    torch.testing.assert_close(got[normal], ref[normal], rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("beta", [1e-3, 1e-8, 1e-300])
+def test_beta_weights_for_tiny_beta_match_the_log_density(beta: float) -> None:
+    # scipy.stats.beta(1e-300, 1e-300).pdf underflows to 0; the density is 1 / (x (1 - x) B)
+    got = averaging.beta_weights(100, beta=beta)
+    ref = torch.tensor(beta_weights_logspace_ref(100, beta), dtype=torch.float64)
+    assert torch.isfinite(got).all() and (got > 0).all()
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("beta", [99.9999, 100.0, 100.0001, 3e4])
+def test_beta_weights_either_side_of_the_stirling_series_match_scipy(beta: float) -> None:
+    # below beta = 100 the constant comes from lgamma, from 100 on from the Stirling series
+    got = averaging.beta_weights(9, beta=beta)
+    ref = torch.tensor(beta_weights_logspace_ref(9, beta), dtype=torch.float64)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=0)
+    torch.testing.assert_close(
+        got, torch.tensor(beta_weights_ref(9, beta), dtype=torch.float64), rtol=1e-9, atol=0
+    )
 
 
 # ---------------------------------------------------------------- bma
@@ -94,8 +123,9 @@ def test_bma_hand_value() -> None:
     state = avg.init({"w": torch.tensor([0.0], dtype=torch.float64)})
     state = avg.update(state, {"w": torch.tensor([0.0], dtype=torch.float64)})
     state = avg.update(state, {"w": torch.tensor([6.0], dtype=torch.float64)})
-    assert state.step == 2
-    assert state.weight_sum == pytest.approx(19 / 6, rel=1e-15)
+    assert int(state.step) == 2
+    assert state.weight_sum.dtype == torch.float64
+    assert float(state.weight_sum) == pytest.approx(19 / 6, rel=1e-14)
     torch.testing.assert_close(state.average["w"], torch.tensor([30 / 19], dtype=torch.float64))
 
 
@@ -110,7 +140,7 @@ def test_bma_equals_closed_form_weighted_mean(in_place: bool) -> None:
         ref = bma_ref(traj[: t + 1], T, beta)
         for k in ref:  # every prefix is the weighted mean of what was seen
             torch.testing.assert_close(state.average[k], ref[k], rtol=1e-12, atol=1e-12)
-    assert state.weight_sum == pytest.approx(sum(beta_weights_ref(T, beta)), rel=1e-13)
+    assert float(state.weight_sum) == pytest.approx(sum(beta_weights_ref(T, beta)), rel=1e-13)
 
 
 @given(
@@ -140,6 +170,36 @@ def test_bma_update_past_total_steps_raises() -> None:
         avg.update(state, {"w": torch.ones(2)})
 
 
+@pytest.mark.parametrize(("total_steps", "beta"), [(400, 500.0), (7, 1e6)])
+def test_bma_with_a_huge_beta_is_the_exact_weighted_mean(total_steps: int, beta: float) -> None:
+    # the first weights underflow to 0 in float64: a linear weight sum would divide 0 by 0
+    traj = trajectory(total_steps + 1)
+    avg = averaging.bma(total_steps, beta=beta)
+    state = avg.init(traj[0])
+    for t in range(1, total_steps + 1):
+        state = avg.update_(state, traj[t])
+        if t in (1, 2, total_steps // 2, total_steps):
+            ref = bma_logspace_ref(traj[: t + 1], total_steps, beta)
+            for k in ref:
+                torch.testing.assert_close(state.average[k], ref[k], rtol=1e-9, atol=1e-12)
+    assert math.isfinite(float(state.log_weight_sum))
+
+
+def test_bma_with_an_astronomical_beta_keeps_the_middle_iterates() -> None:
+    # beta = 1e12, T = 3: x = 1/8, 3/8, 5/8, 7/8; log-weights -8e11, -6e10, -6e10, -8e11, so
+    # the average is theta_1 after step 1 and the mean of theta_1 and theta_2 after step 2.
+    # The density is ill-conditioned in float64 here (its log is ~6e10, carried to ~1e-5), so
+    # the two middle weights agree to ~1e-5, not to the last bit: finite and right, not exact.
+    traj = trajectory(4)
+    avg = averaging.bma(3, beta=1e12)
+    state = avg.update_(avg.init(traj[0]), traj[1])
+    assert_trees_equal(state.average, traj[1])
+    for t in (2, 3):
+        state = avg.update_(state, traj[t])
+        for k, v in state.average.items():
+            torch.testing.assert_close(v, (traj[1][k] + traj[2][k]) / 2, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------- ema / uniform
 
 
@@ -149,7 +209,7 @@ def test_ema_decay_zero_returns_last_and_one_keeps_start() -> None:
     assert_trees_equal(last.average, traj[-1])
     start = run(averaging.ema(1.0), traj, in_place=False)
     assert_trees_equal(start.average, traj[0])
-    assert last.step == start.step == 3
+    assert int(last.step) == int(start.step) == 3
 
 
 @pytest.mark.parametrize("decay", [0.3, 0.9, 0.999])
@@ -166,7 +226,7 @@ def test_uniform_is_the_mean_of_everything_seen() -> None:
     state = avg.init({"w": torch.tensor([1.0])})
     for x in (2.0, 6.0, 11.0):
         state = avg.update_(state, {"w": torch.tensor([x])})
-    assert state.step == 3
+    assert int(state.step) == 3
     assert torch.equal(state.average["w"], torch.tensor([5.0]))  # (1 + 2 + 6 + 11) / 4
     traj = trajectory(6)
     state = run(averaging.uniform(), traj, in_place=False)
@@ -203,9 +263,10 @@ def test_save_and_load_mid_run_resumes_bit_identically(name: str) -> None:
     buf.seek(0)
     state = torch.load(buf)  # weights_only=True by default: the state classes are allowed
     assert type(state) is type(uninterrupted)
+    assert state.settings == uninterrupted.settings and bool(state.live)
     for p in traj[4:]:
         state = avg.update_(state, p)
-    assert state[:-1] == uninterrupted[:-1]  # counters (step, weight_sum) as Python numbers
+    assert counters(state) == counters(uninterrupted)
     assert_trees_equal(state.average, uninterrupted.average)
 
 
@@ -224,7 +285,7 @@ def test_in_place_path_equals_pure_path(name: str) -> None:
     ]
     avg = FACTORIES[name]()
     pure, fast = run(avg, traj, in_place=False), run(avg, traj, in_place=True)
-    assert pure[:-1] == fast[:-1]
+    assert counters(pure) == counters(fast)
     assert_trees_equal(pure.average, fast.average)
     assert {k: v.dtype for k, v in fast.average.items()} == {
         "f32": torch.float32,
@@ -244,7 +305,7 @@ def test_inputs_are_never_mutated(name: str) -> None:
     before = {k: v.clone() for k, v in state.average.items()}
     new = avg.update(state, traj[1])
     assert_trees_equal(state.average, before)  # the pure update leaves the old state alone
-    assert new.step == state.step + 1
+    assert int(new.step) == int(state.step) + 1
     avg.update_(new, traj[2])
     for p, s in zip(traj, saved):
         assert_trees_equal(p, s)
@@ -344,40 +405,6 @@ def test_integer_buffers_are_rejected() -> None:
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize(
-    ("make", "err", "match"),
-    [
-        (lambda: averaging.ema(1.5), ValueError, r"ema: decay must be in \[0.0, 1.0\], got 1.5"),
-        (lambda: averaging.ema(-0.1), ValueError, r"ema: decay must be in \[0.0, 1.0\], got -0.1"),
-        (lambda: averaging.ema(math.nan), ValueError, r"ema: decay must not be NaN"),
-        (lambda: averaging.ema("0.9"), TypeError, r"ema: decay must be a real number"),
-        (lambda: averaging.bma(0), ValueError, r"bma: total_steps must be an int >= 1, got 0"),
-        (lambda: averaging.bma(10.0), TypeError, r"bma: total_steps must be an int, got 10.0"),
-        (lambda: averaging.bma(10, beta=0.0), ValueError, r"bma: beta must be in \(0.0, inf\)"),
-        (lambda: averaging.bma(10, beta=-2), ValueError, r"bma: beta must be in \(0.0, inf\)"),
-        (
-            lambda: averaging.uniform(accumulator_dtype=torch.int64),
-            TypeError,
-            r"uniform: accumulator_dtype must be a floating-point torch.dtype",
-        ),
-        (
-            lambda: averaging.ema(0.9, accumulator_dtype="float32"),
-            TypeError,
-            r"ema: accumulator_dtype must be a floating-point torch.dtype .*got 'float32'",
-        ),
-        (
-            lambda: averaging.bma(3, device="gpu7"),
-            ValueError,
-            r"bma: device must name a torch device .*got 'gpu7'",
-        ),
-        (lambda: averaging.uniform(device=0), TypeError, r"uniform: device must be None, a str"),
-    ],
-)
-def test_bad_hyper_parameters_fail_in_the_factory(make: Any, err: type, match: str) -> None:
-    with pytest.raises(err, match=match):
-        make()
-
-
 @pytest.mark.parametrize("name", list(FACTORIES))
 def test_mismatched_trees_and_foreign_states_fail_clearly(name: str) -> None:
     avg = FACTORIES[name]()
@@ -392,16 +419,21 @@ def test_mismatched_trees_and_foreign_states_fail_clearly(name: str) -> None:
         avg.update(state, {"a": torch.zeros(2), "b": torch.zeros(4)})
     with pytest.raises(TypeError, match=rf"{name}.init: params must be a mapping"):
         avg.init([torch.zeros(2)])
-    other = EmaState(0, state.average) if name != "ema" else UniformState(0, state.average)
+    other = averaging.ema(0.5) if name != "ema" else averaging.uniform()
+    foreign = other.init({"a": torch.zeros(2), "b": torch.zeros(3)})
     with pytest.raises(
-        TypeError, match=rf"{name}.update: state must be the \w+State returned by init"
+        TypeError, match=rf"{name}.update: state must be the \w+State returned by {name}'s init"
     ):
-        avg.update(other, {"a": torch.zeros(2), "b": torch.zeros(3)})
+        avg.update(foreign, {"a": torch.zeros(2), "b": torch.zeros(3)})
 
 
 def test_states_are_the_documented_named_tuples() -> None:
     state = averaging.bma(3).init({"w": torch.ones(1)})
     assert isinstance(state, BmaState)
-    assert state._fields == ("step", "weight_sum", "average")
-    assert (state.step, state.weight_sum) == (0, pytest.approx(float(averaging.beta_weights(3)[0])))
+    assert state._fields == ("step", "log_weight_sum", "average", "settings", "live")
+    assert EmaState._fields == UniformState._fields == ("step", "average", "settings", "live")
+    assert state.step.dtype == torch.int64 and state.step.device.type == "cpu"
+    assert state.log_weight_sum.dtype == torch.float64 and state.live.dtype == torch.bool
+    assert int(state.step) == 0
+    assert float(state.weight_sum) == pytest.approx(float(averaging.beta_weights(3)[0]), rel=1e-14)
     assert averaging.ema(0.5)._fields == ("init", "update", "update_")

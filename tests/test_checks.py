@@ -118,3 +118,78 @@ def test_is_functorch_wrapped() -> None:
     torch.func.vmap(probe)(x)
     torch.func.grad(probe)(x[0])
     assert seen == [True, True]
+
+
+def test_apply_reduction_empty_batch_rule() -> None:
+    empty = torch.zeros(0, requires_grad=True)
+    for reduction in ("mean", "sum"):
+        out = c.apply_reduction("f", empty * 2.0, reduction)
+        assert out.shape == () and out.item() == 0.0
+        (grad,) = torch.autograd.grad(out, empty)
+        assert grad.shape == (0,)
+    assert c.apply_reduction("f", empty, "none").shape == (0,)
+
+
+def test_numpy_scalars_and_infinities() -> None:
+    np = pytest.importorskip("numpy")
+    assert c.check_number("f", "x", np.float32(0.5), low=0, high=1) == 0.5
+    assert c.check_number("f", "x", np.int64(3)) == 3.0
+    assert c.check_int("f", "n", np.int32(4), low=1) == 4
+    assert isinstance(c.check_int("f", "n", np.int64(4)), int)
+    with pytest.raises(TypeError, match=r"f: x must be a real number, got (np\.)?True"):
+        c.check_number("f", "x", np.bool_(True))
+    with pytest.raises(TypeError, match=r"f: n must be an int"):
+        c.check_int("f", "n", np.float64(2.0))
+    with pytest.raises(
+        ValueError, match=r"f: scale must be a finite number in \(0, inf\), got inf"
+    ):
+        c.check_number("f", "scale", float("inf"), low=0, low_inclusive=False)
+    assert c.check_number("f", "threshold", float("-inf"), finite=False) == float("-inf")
+    assert c.check_scalar("f", "t", np.float64(2.0), positive=True) == 2.0
+    t = torch.tensor(2.0)
+    assert c.check_scalar("f", "t", t, positive=True) is t
+    with pytest.raises(ValueError, match=r"f: t must be in \(0, inf\), got 0"):
+        c.check_scalar("f", "t", 0, positive=True)
+    with pytest.raises(ValueError, match=r"f: t must be a finite number"):
+        c.check_scalar("f", "t", float("inf"))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_every_integer_label_dtype_is_accepted_as_int64(dtype: torch.dtype) -> None:
+    labels = torch.tensor([0, 2, 1], dtype=dtype)
+    out = c.check_labels("f", "labels", labels, batch=3)
+    assert out.dtype == torch.int64 and out.tolist() == [0, 2, 1]
+    assert (out is labels) == (dtype == torch.int64)
+
+
+def test_floating_tree_device_dtype_group_and_keys() -> None:
+    t = {"w": torch.zeros(2)}
+    assert c.check_floating_tree("f", "params", t) is t
+    with pytest.raises(TypeError, match=r"f: params must be a mapping .* got list"):
+        c.check_floating_tree("f", "params", [torch.zeros(1)])
+    with pytest.raises(TypeError, match=r"f: params must have str keys"):
+        c.check_floating_tree("f", "params", {1: torch.zeros(1)})
+    with pytest.raises(TypeError, match=r"f: params must have torch.Tensor leaves, .*\['w'\]"):
+        c.check_floating_tree("f", "params", {"w": 1.0})
+    with pytest.raises(
+        TypeError,
+        match=r"f: params must hold floating-point tensors only, got torch.int64 .*; hint",
+    ):
+        c.check_floating_tree("f", "params", {"n": torch.zeros(1, dtype=torch.long)}, hint="hint")
+    assert c.check_device("f", "device", None) is None
+    assert c.check_device("f", "device", "cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"f: device must name a torch device .* got 'gpu:x'"):
+        c.check_device("f", "device", "gpu:x")
+    with pytest.raises(TypeError, match=r"f: device must be None, a str or a torch.device, got 0"):
+        c.check_device("f", "device", 0)
+    assert c.check_dtype("f", "dtype", torch.float64) is torch.float64
+    with pytest.raises(TypeError, match=r"f: dtype must be a floating-point torch.dtype"):
+        c.check_dtype("f", "dtype", torch.int32)
+    assert c.check_dtype("f", "dtype", torch.int32, floating=False) is torch.int32
+    assert c.check_group("f", None) is None
+    with pytest.raises(
+        TypeError, match=r"f: group must be a torch.distributed ProcessGroup or None"
+    ):
+        c.check_group("f", 0)
+    assert c.fmt_keys(["b", "a"]) == "['a', 'b']"
+    assert c.fmt_keys([str(i) for i in range(12)], limit=2) == "['0', '1', ... (10 more)]"

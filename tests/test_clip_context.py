@@ -228,3 +228,124 @@ def test_errors(tok: object) -> None:
 
     with pytest.raises(TypeError, match=r"init_context: tokenizer must produce CLIP-layout rows"):
         clip.init_context(model, BadLayout(), "a photo")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- issue 13: caching and chunks
+
+
+def test_prompt_ids_are_tokenised_once_per_class_list(tok: object) -> None:
+    model = tiny_vit_clip()
+    ctx = clip.init_context(model, tok)
+
+    class Counting:
+        sot_token_id, eot_token_id, context_length = 49406, 49407, 77
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __call__(self, texts: list[str]) -> torch.Tensor:
+            self.calls += 1
+            return tok(texts)  # type: ignore[operator]
+
+    counting = Counting()
+    first = clip.encode_text_with_context(model, ctx, NAMES, counting)
+    calls = counting.calls
+    for _ in range(3):
+        again = clip.encode_text_with_context(model, ctx, NAMES, counting)
+        assert torch.equal(again, first)
+    assert counting.calls == calls  # cached: no re-tokenisation
+    clip.encode_text_with_context(model, ctx, ["dog"], counting)
+    assert counting.calls == calls + 1  # another class list is tokenised (and cached)
+    clip.encode_text_with_context(model, ctx[:2], NAMES, counting)
+    assert counting.calls == calls + 2  # another context length too
+    clip.encode_text_with_context(model, ctx, list(NAMES), counting)
+    assert counting.calls == calls + 2  # an equal list hits the cache
+
+
+def test_prompt_cache_with_an_unhashable_tokenizer(tok: object) -> None:
+    model = tiny_vit_clip()
+    ctx = clip.init_context(model, tok)
+
+    class Unhashable:
+        sot_token_id, eot_token_id = 49406, 49407
+        __hash__ = None  # type: ignore[assignment]
+
+        def __call__(self, texts: list[str]) -> torch.Tensor:
+            return tok(texts)  # type: ignore[operator]
+
+    out = clip.encode_text_with_context(model, ctx, NAMES, Unhashable())
+    assert torch.equal(out, clip.encode_text_with_context(model, ctx, NAMES, tok))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 100])
+def test_chunked_checkpointed_encoding_equals_plain(tok: object, chunk_size: int) -> None:
+    model = tiny_vit_clip()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = ["cat", "dog", "golden retriever", "car", "tree"]
+    chosen = {"ln_final.weight": model.ln_final.weight.detach().clone().requires_grad_()}
+    target = torch.randn(len(names), 16)
+    grads = []
+    for size in (None, chunk_size):
+        ctx = clip.init_context(model, tok)
+        out = clip.encode_text_with_context(model, ctx, names, tok, params=chosen, chunk_size=size)
+        (out * target).sum().backward()
+        grads.append((out.detach(), ctx.grad.clone(), chosen["ln_final.weight"].grad.clone()))
+        chosen["ln_final.weight"].grad = None
+    (plain, g_ctx, g_w), (chunked, c_ctx, c_w) = grads
+    torch.testing.assert_close(chunked, plain, rtol=0, atol=1e-6)
+    # gradients sum over classes in another order: float32 rounding only
+    torch.testing.assert_close(c_ctx, g_ctx, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(c_w, g_w, rtol=1e-4, atol=1e-5)
+    if chunk_size >= len(names):
+        assert torch.equal(chunked, plain)  # one chunk is the plain call
+
+
+def test_chunked_class_specific_context_and_no_grad(tok: object) -> None:
+    model = tiny_custom_text_clip()
+    csc = 0.02 * torch.randn(3, 2, TEXT_WIDTH)
+    plain = clip.encode_text_with_context(model, csc, NAMES, tok)
+    chunked = clip.encode_text_with_context(model, csc, NAMES, tok, chunk_size=2)
+    torch.testing.assert_close(chunked, plain, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        out = clip.encode_text_with_context(model, csc, NAMES, tok, chunk_size=1)
+    torch.testing.assert_close(out, plain.detach(), rtol=0, atol=1e-6)
+
+
+def test_chunked_gradcheck_float64(tok: object) -> None:
+    model = copy.deepcopy(tiny_vit_clip()).double()
+    ctx = (0.02 * torch.randn(2, TEXT_WIDTH, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda c: clip.encode_text_with_context(model, c, ["cat", "dog", "car"], tok, chunk_size=2),
+        (ctx,),
+        fast_mode=True,
+    )
+
+
+def test_chunked_encoding_bounds_peak_memory(tok: object) -> None:
+    from _memory import peak_alloc_bytes
+
+    model = tiny_vit_clip()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [f"class {i}" for i in range(64)]
+    ctx = clip.init_context(model, tok)
+    clip.encode_text_with_context(model, ctx, names, tok)  # warm the prompt cache
+
+    def step(chunk_size: int | None) -> None:
+        out = clip.encode_text_with_context(model, ctx, names, tok, chunk_size=chunk_size)
+        out.square().sum().backward()
+
+    plain = peak_alloc_bytes(lambda: step(None))
+    chunked = peak_alloc_bytes(lambda: step(8))
+    assert chunked <= plain / 4, (chunked, plain)
+
+
+def test_chunk_size_errors(tok: object) -> None:
+    model = tiny_vit_clip()
+    ctx = clip.init_context(model, tok)
+    fn = "encode_text_with_context"
+    with pytest.raises(ValueError, match=rf"{fn}: chunk_size must be an int >= 1, got 0"):
+        clip.encode_text_with_context(model, ctx, NAMES, tok, chunk_size=0)
+    with pytest.raises(TypeError, match=rf"{fn}: chunk_size must be an int, got 2.0"):
+        clip.encode_text_with_context(model, ctx, NAMES, tok, chunk_size=2.0)  # type: ignore[arg-type]

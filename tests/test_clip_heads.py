@@ -192,3 +192,22 @@ def test_errors(fn: object, tok: object) -> None:
         fn(model, tok, NAMES, TEMPLATES, params={"nope": torch.zeros(1)})  # type: ignore[operator]
     with pytest.raises(TypeError, match=rf"{name}: params must have torch.Tensor leaves"):
         fn(model, tok, NAMES, TEMPLATES, params={"logit_scale": 1.0})  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["a {} and a {}.", "a photo of {0}.", "a {name}.", "a {} {", "a } {}", "{}{}"],
+)
+def test_malformed_templates_raise_clearly(template: str, tok: object) -> None:
+    for fn in (clip.zero_shot_head, clip.context_prototypes):
+        with pytest.raises(ValueError, match=rf"{fn.__name__}: templates given as str must"):
+            fn(tiny_vit_clip(), tok, NAMES, ["a photo of a {}.", template])
+
+
+def test_literal_braces_and_format_specs_are_fine() -> None:
+    head = clip.zero_shot_head(CharModel(), count, ["ab"], ["{{{}}}", "{!s}"])  # "{ab}", "ab"
+    expected = F.normalize(
+        F.normalize(torch.tensor([4.0, 1.0]), dim=0) + F.normalize(torch.tensor([2.0, 1.0]), dim=0),
+        dim=0,
+    )
+    torch.testing.assert_close(head[0], expected, rtol=0, atol=1e-7)

@@ -1,4 +1,4 @@
-"""robustft.clip random texts (Lipsum-FT): tokens, the pre-encoded bank, the energy-gap metric."""
+"""robustft.clip random texts (Lipsum-FT): tokens and the pre-encoded bank."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from clip_models import tiny_custom_text_clip, tiny_vit_clip, tokenizer
 from hypothesis import given
 from hypothesis import strategies as st
-from reference.clip_ref import energy_gap_ref
 from torch import nn
 
 from robustft import clip, losses
@@ -26,12 +25,16 @@ def chi_square(counts: torch.Tensor) -> float:
 
 
 class TinyVocab:
-    """A CLIP-layout tokenizer with 10 ids whose special ids sit inside the range."""
+    """A CLIP-layout tokenizer with 10 ids: SOT inside the range, EOT the last id."""
 
-    vocab_size, sot_token_id, eot_token_id, context_length = 10, 3, 7, 12
+    vocab_size, sot_token_id, eot_token_id, context_length = 10, 3, 9, 12
 
     def __call__(self, texts: list[str]) -> torch.Tensor:  # pragma: no cover - never called
         raise AssertionError
+
+
+def tokenizer_standard() -> open_clip.tokenizer.SimpleTokenizer:
+    return tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +84,36 @@ def test_specials_inside_the_vocab_are_skipped_uniformly() -> None:
     assert t.shape == (3000, 12)  # context length from the tokenizer
     body = t[:, 1:5].flatten()
     counts = torch.bincount(body, minlength=10)
-    assert counts[3] == 0 and counts[7] == 0
-    kept = counts[[0, 1, 2, 4, 5, 6, 8, 9]]
+    assert counts[3] == 0 and counts[9] == 0
+    kept = counts[[0, 1, 2, 4, 5, 6, 7, 8]]
     assert chi_square(kept) < CHI2_999[7]
+    assert (t.argmax(dim=-1) == 5).all()  # EOT is the largest id of every row
+
+
+@pytest.mark.parametrize(
+    ("vocab", "sot", "eot"),
+    [(10, 3, 7), (10, 9, 8), (10, 9, 9), (10, 3, 10), (10, -1, 9), (2, 0, 1)],
+)
+def test_tokenizers_that_break_the_eot_promise_are_rejected(vocab: int, sot: int, eot: int) -> None:
+    # EOT below another drawable id (or SOT) would not be each row's largest id: argmax pooling
+    # would pool the wrong token, so such layouts are refused instead of silently mis-pooled
+    class Odd(TinyVocab):
+        vocab_size, sot_token_id, eot_token_id = vocab, sot, eot
+
+    with pytest.raises(ValueError, match=r"random_text_tokens: tokenizer must have an int vocab"):
+        clip.random_text_tokens(2, length=1, tokenizer=Odd())
+    with pytest.raises(ValueError, match=r"RandomTextBank.from_model: tokenizer must have an int"):
+        clip.RandomTextBank.from_model(tiny_vit_clip(), 2, tokenizer=Odd())
+
+
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 6))
+def test_eot_is_the_row_maximum_for_every_accepted_tokenizer(seed: int, n: int) -> None:
+    for vocab in (None, TinyVocab(), tokenizer_standard()):
+        t = clip.random_text_tokens(
+            n, length=3, generator=torch.Generator().manual_seed(seed), tokenizer=vocab
+        )
+        eot = 49407 if vocab is None else vocab.eot_token_id
+        assert (t.amax(dim=-1) == eot).all() and (t.argmax(dim=-1) == 4).all()
 
 
 @given(n=st.integers(1, 5), length=st.integers(1, 10), seed=st.integers(0, 2**31))
@@ -125,10 +155,14 @@ def test_token_errors() -> None:
         clip.random_text_tokens(2, tokenizer=lambda t: t)
 
     class NoVocab(TinyVocab):
-        vocab_size = 5  # eot 7 outside
+        vocab_size = 5  # eot 9 outside
 
     with pytest.raises(ValueError, match=rf"{fn}: tokenizer must have an int vocab_size .*=5"):
         clip.random_text_tokens(2, tokenizer=NoVocab())
+    with pytest.raises(ValueError, match=rf"{fn}: device must name a torch device .*'gpu:x'"):
+        clip.random_text_tokens(2, device="gpu:x")
+    with pytest.raises(TypeError, match=rf"{fn}: device must be None, a str or a torch.device"):
+        clip.random_text_tokens(2, device=0)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- bank
@@ -184,14 +218,39 @@ def test_bank_sampling_without_replacement_is_uniform(bank: clip.RandomTextBank)
     small = clip.RandomTextBank(torch.eye(20), torch.zeros(20, 4, dtype=torch.long))
     counts = torch.zeros(20)
     for _ in range(2000):
-        rows = small.sample(5, generator=g).argmax(dim=1)
+        rows = small.sample(5, generator=g, replacement=False).argmax(dim=1)
         assert rows.unique().numel() == 5  # distinct rows within a step
         counts += torch.bincount(rows, minlength=20)
     assert counts.sum() == 10000
     assert chi_square(counts) < CHI2_999[19]
     # the real bank: rows are rows of the bank
-    picked = bank.sample(10, generator=torch.Generator().manual_seed(0))
+    picked = bank.sample(10, generator=torch.Generator().manual_seed(0), replacement=False)
     assert all(any(torch.equal(r, f) for f in bank.features) for r in picked)
+
+
+@pytest.mark.parametrize("replacement", [True, False])
+def test_key_sampling_is_uniform_and_reproducible(replacement: bool) -> None:
+    small = clip.RandomTextBank(torch.eye(20), torch.zeros(20, 4, dtype=torch.long))
+    counts = torch.zeros(20)
+    for step in range(2000):
+        rows = small.sample(5, key=torch.tensor(step), replacement=replacement).argmax(dim=1)
+        if not replacement:
+            assert rows.unique().numel() == 5
+        counts += torch.bincount(rows, minlength=20)
+    assert chi_square(counts) < CHI2_999[19]
+    a = small.sample(6, key=123, replacement=replacement)
+    assert torch.equal(a, small.sample(6, key=torch.tensor(123), replacement=replacement))
+    assert not torch.equal(a, small.sample(6, key=124, replacement=replacement))
+
+
+def test_key_stream_pairs_are_independent() -> None:
+    # consecutive draws of one key and the same draw of consecutive keys are uncorrelated
+    small = clip.RandomTextBank(torch.eye(8), torch.zeros(8, 4, dtype=torch.long))
+    pairs = torch.zeros(8, 8)
+    for step in range(1000):
+        rows = small.sample(2, key=step).argmax(dim=1)
+        pairs[rows[0], rows[1]] += 1
+    assert chi_square(pairs.flatten()) < 110.0  # chi2.ppf(0.999, 63) = 103.4, margin for 1000
 
 
 def test_bank_sampling_with_replacement_is_uniform() -> None:
@@ -214,8 +273,12 @@ def test_bank_errors(model: nn.Module, bank: clip.RandomTextBank) -> None:
         clip.RandomTextBank.from_model(model, 0)
     with pytest.raises(ValueError, match=rf"{fn}: batch_size must be an int >= 1, got 0"):
         clip.RandomTextBank.from_model(model, 4, batch_size=0)
-    with pytest.raises(TypeError, match=rf"{fn}: dtype must be a floating torch.dtype"):
+    with pytest.raises(TypeError, match=rf"{fn}: dtype must be a floating-point torch.dtype"):
         clip.RandomTextBank.from_model(model, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=rf"{fn}: device must name a torch device"):
+        clip.RandomTextBank.from_model(model, 4, device="nowhere")
+    with pytest.raises(TypeError, match=rf"{fn}: device must be None, a str or a torch.device"):
+        clip.RandomTextBank.from_model(model, 4, device=1.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=rf"{fn}: model must have method\(s\) encode_text"):
         clip.RandomTextBank.from_model(nn.Linear(1, 1), 4)
     with pytest.raises(ValueError, match=rf"{fn}: params must name parameters .*'x'"):
@@ -229,7 +292,19 @@ def test_bank_errors(model: nn.Module, bank: clip.RandomTextBank) -> None:
         clip.RandomTextBank.from_model(small, 4)
     fn = "RandomTextBank.sample"
     with pytest.raises(ValueError, match=rf"{fn}: num_samples must be at most the bank size 40"):
-        bank.sample(41)
+        bank.sample(41, replacement=False)
+    with pytest.raises(ValueError, match=rf"{fn}: generator and key must not both be given"):
+        bank.sample(2, key=0, generator=torch.Generator())
+    with pytest.raises(TypeError, match=rf"{fn}: key must be an int or a 0-d integer tensor"):
+        bank.sample(2, key=torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match=rf"{fn}: key must be an int or a 0-d integer tensor"):
+        bank.sample(2, key=torch.tensor(1.0))
+    with pytest.raises(TypeError, match=rf"{fn}: key must be an int, got 1.5"):
+        bank.sample(2, key=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=rf"{fn}: key must fit in int64"):
+        bank.sample(2, key=2**70)
+    with pytest.raises(TypeError, match=rf"{fn}: replacement must be a bool"):
+        bank.sample(2, replacement=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=rf"{fn}: num_samples must be an int >= 1, got 0"):
         bank.sample(0)
     with pytest.raises(TypeError, match=rf"{fn}: generator must be a torch.Generator"):
@@ -237,59 +312,53 @@ def test_bank_errors(model: nn.Module, bank: clip.RandomTextBank) -> None:
     assert bank.sample(41, replacement=True).shape == (41, 16)
 
 
-# ---------------------------------------------------------------- energy gap
+# ---------------------------------------------------------------- the bank as an estimator
 
 
-def test_energy_gap_metric_equals_reference_over_whole_bank(bank: clip.RandomTextBank) -> None:
-    f, f0 = torch.randn(3, 16), torch.randn(3, 16)
-    per = clip.energy_gap_metric(f, f0, bank, reduction="none")
-    ref = energy_gap_ref(f, f0, bank.features, 100.0)
-    torch.testing.assert_close(per, ref, rtol=1e-5, atol=1e-5)
-    mean = clip.energy_gap_metric(f, f0, bank.features, logit_scale=1.0)
-    torch.testing.assert_close(mean, energy_gap_ref(f, f0, bank.features, 1.0).mean())
-    torch.testing.assert_close(
-        mean, losses.energy_gap(f, f0, bank.features, logit_scale=1.0), rtol=0, atol=0
-    )
-
-
-def test_energy_gap_metric_hand_value_and_no_grad() -> None:
-    bank = clip.RandomTextBank(torch.eye(2), torch.zeros(2, 4, dtype=torch.long))
-    f = torch.tensor([[1.0, 0.0]], requires_grad=True)
-    out = clip.energy_gap_metric(f, torch.tensor([[0.0, 1.0]]), bank, logit_scale=2.0)
-    assert out.item() == pytest.approx(4 * (1 + 1) / 4)
-    assert not out.requires_grad
-    assert clip.energy_gap_metric(f, f.detach(), bank).item() == 0.0
-
-
-def test_sampled_regulariser_is_unbiased_for_the_bank_metric(bank: clip.RandomTextBank) -> None:
-    # E over M-subsets of losses.energy_gap(f, f0, sample) = the whole-bank metric
+def test_sampled_regulariser_is_unbiased_for_the_bank_average(bank: clip.RandomTextBank) -> None:
+    # E over draws of losses.energy_gap(f, f0, sample) = the same quantity over the whole bank:
+    # unbiased for the *bank's* objective (the docs: not for fresh texts, unless averaged over banks)
     f, f0 = torch.randn(4, 16), torch.randn(4, 16)
-    g = torch.Generator().manual_seed(11)
-    draws = torch.stack(
-        [losses.energy_gap(f, f0, bank.sample(8, generator=g)) for _ in range(3000)]
-    )
-    metric = clip.energy_gap_metric(f, f0, bank)
-    assert abs(draws.mean() - metric) < 4 * draws.std() / 3000**0.5
+    whole = losses.energy_gap(f, reference_features=f0, text_features=bank.features)
+    for replacement in (True, False):
+        g = torch.Generator().manual_seed(11)
+        draws = torch.stack(
+            [
+                losses.energy_gap(
+                    f,
+                    reference_features=f0,
+                    text_features=bank.sample(8, generator=g, replacement=replacement),
+                )
+                for _ in range(3000)
+            ]
+        )
+        assert abs(draws.mean() - whole) < 4 * draws.std() / 3000**0.5
 
 
-def test_energy_gap_metric_errors() -> None:
-    with pytest.raises(TypeError, match=r"energy_gap_metric: bank must be a RandomTextBank"):
-        clip.energy_gap_metric(torch.ones(1, 2), torch.ones(1, 2), [[1.0, 0.0]])  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"energy_gap_metric: bank must have 2 dimension"):
-        clip.energy_gap_metric(torch.ones(1, 2), torch.ones(1, 2), torch.ones(2))
-    with pytest.raises(ValueError, match=r"energy_gap: text_features.shape\[1\] must equal"):
-        clip.energy_gap_metric(torch.ones(1, 2), torch.ones(1, 2), torch.ones(4, 3))
+def test_compiled_regulariser_fullgraph_no_recompiles(bank: clip.RandomTextBank) -> None:
+    # the whole per-step text side (sample M rows by key + energy gap) compiles once
+    from torch._dynamo.utils import counters
 
-
-def test_compiled_regulariser_fullgraph(bank: clip.RandomTextBank) -> None:
-    # the whole per-step text side (sample M rows + energy gap) compiles without graph breaks
+    torch._dynamo.reset()
+    counters.clear()
     f, f0 = torch.randn(4, 16), torch.randn(4, 16)
 
-    def step(f: torch.Tensor, f0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        texts = bank.sample(8)
-        return losses.energy_gap(f, f0, texts), texts
+    def step(
+        f: torch.Tensor, f0: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        texts = bank.sample(8, key=key)
+        return losses.energy_gap(f, reference_features=f0, text_features=texts), texts
 
-    loss, texts = torch.compile(step, fullgraph=True)(f, f0)
-    rows = [int((bank.features == t).all(dim=1).nonzero()) for t in texts]
-    assert len(set(rows)) == 8
-    torch.testing.assert_close(loss, losses.energy_gap(f, f0, texts))
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    seen = set()
+    for i in range(10):
+        loss, texts = compiled(f, f0, torch.tensor(i))
+        assert torch.equal(texts, bank.sample(8, key=i))  # eager and compiled draw the same rows
+        torch.testing.assert_close(
+            loss, losses.energy_gap(f, reference_features=f0, text_features=texts)
+        )
+        seen.add(tuple(texts[:, 0].tolist()))
+    assert len(seen) == 10  # a new draw every step
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sum(counters["recompiles"].values()) == 0
+    torch._dynamo.reset()

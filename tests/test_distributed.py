@@ -67,3 +67,54 @@ def test_two_ranks() -> None:
     for grad, total in out:
         assert total == s
         assert grad == pytest.approx(2 * 2 * s)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: distributed.is_distributed(0),
+        lambda: distributed.world_size("world"),
+        lambda: distributed.all_reduce_sum(torch.ones(1), group=0),
+        lambda: distributed.all_gather_cat(torch.ones(1), group=1),
+        lambda: distributed.rank_offset(3, group=0),
+    ],
+    ids=["is_distributed", "world_size", "all_reduce_sum", "all_gather_cat", "rank_offset"],
+)
+def test_group_must_be_a_process_group(call) -> None:  # type: ignore[no-untyped-def]
+    # without an initialised process group these used to return silently (and raise a raw torch
+    # error with one): the group is checked first, in every case
+    with pytest.raises(
+        TypeError, match=r": group must be a torch.distributed ProcessGroup or None"
+    ):
+        call()
+
+
+def test_rank_offset_argument_errors() -> None:
+    with pytest.raises(TypeError, match=r"rank_offset: n must be an int, got 2.5"):
+        distributed.rank_offset(2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"rank_offset: n must be an int >= 0, got -1"):
+        distributed.rank_offset(-1)
+    with pytest.raises(ValueError, match=r"rank_offset: device must name a torch device"):
+        distributed.rank_offset(1, device="gpu0")
+    with pytest.raises(TypeError, match=r"rank_offset: device must be None, a str or a torch"):
+        distributed.rank_offset(1, device=3)  # type: ignore[arg-type]
+
+
+def _empty_local_batches(rank: int, world_size: int) -> list[float]:
+    # rank 0 contributes no rows: gather, offsets and the gather's backward all stay in step
+    n = 0 if rank == 0 else 3
+    x = torch.arange(n * 2, dtype=torch.float64).reshape(n, 2).requires_grad_(True)
+    g = distributed.all_gather_cat(x)
+    assert g.shape == (3, 2)
+    assert distributed.rank_offset(n) == 0  # rank 1 starts at 0: rank 0 has no rows
+    g.sum().backward()
+    assert x.grad.shape == (n, 2)
+    assert torch.equal(x.grad, torch.full((n, 2), float(world_size), dtype=torch.float64))
+    empty = distributed.all_gather_cat(torch.zeros(0, 4))
+    assert empty.shape == (0, 4)
+    return [float(g.sum())]
+
+
+@pytest.mark.distributed
+def test_empty_local_batches() -> None:
+    assert run_distributed(_empty_local_batches, world_size=2, timeout=90) == [[15.0], [15.0]]

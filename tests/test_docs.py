@@ -13,7 +13,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 API = ROOT / "docs" / "api"
 PUBLIC = sorted(p.stem for p in API.glob("*.md") if p.stem != "index")
-CORE = ["tree", "typing", "distributed", "losses", "averaging", "projections", "metrics", "scores"]
+CORE = [
+    "tree",
+    "typing",
+    "distributed",
+    "losses",
+    "averaging",
+    "merging",
+    "projections",
+    "metrics",
+    "scores",
+]
 
 
 def test_every_public_module_has_an_api_page() -> None:

@@ -112,3 +112,89 @@ def test_ueo_global_batch_under_data_parallelism() -> None:
     assert all(abs(r["local"] - r["single"]) > 1e-3 for r in results)
     # the detached variant's DDP gradient is off by a factor 1/world_size (50 % here)
     assert all(r["detached_rel_error"] == pytest.approx(0.5) for r in results), results
+
+
+# ---------------------------------------------------------------- a rank with an empty batch
+
+
+def _empty_rank_body(rank: int, world_size: int, split: tuple[int, ...]) -> dict[str, float]:
+    x, conf, weight = _data()
+    n = sum(split)
+    x, conf = x[:n], conf[:n]
+    lo, hi = sum(split[:rank]), sum(split[: rank + 1])
+
+    w_single = weight.clone().requires_grad_(True)
+    single = ueo(x @ w_single, conf, trade_off=0.7)
+    single.backward()
+    w_ddp = weight.clone().requires_grad_(True)
+    loss = ueo(x[lo:hi] @ w_ddp, conf[lo:hi], trade_off=0.7, group=dist.group.WORLD)
+    loss.backward()  # every rank, the empty one included, reaches the backward's all-reduce
+    grad = w_ddp.grad.clone()
+    dist.all_reduce(grad)
+    torch.testing.assert_close(loss, single.detach(), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grad / world_size, w_single.grad, atol=1e-12, rtol=1e-10)
+
+    gc = torch.Generator().manual_seed(11)
+    img = torch.randn(n, 5, generator=gc, dtype=torch.float64)
+    txt = torch.randn(n, 5, generator=gc, dtype=torch.float64)
+    proj = torch.randn(5, 4, generator=gc, dtype=torch.float64)
+    p_single = proj.clone().requires_grad_(True)
+    single_c = clip_contrastive(img @ p_single, txt @ p_single, logit_scale=3.0)
+    single_c.backward()
+    p_ddp = proj.clone().requires_grad_(True)
+    loss_c = clip_contrastive(
+        img[lo:hi] @ p_ddp, txt[lo:hi] @ p_ddp, logit_scale=3.0, group=dist.group.WORLD
+    )
+    loss_c.backward()
+    g_avg = p_ddp.grad.clone()
+    dist.all_reduce(g_avg)
+    torch.testing.assert_close(loss_c, single_c.detach(), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(g_avg / world_size, p_single.grad, atol=1e-12, rtol=1e-10)
+    return {"ueo": loss.item(), "clip": loss_c.item()}
+
+
+@pytest.mark.distributed
+def test_a_rank_with_an_empty_batch_gets_the_global_loss_and_no_one_waits() -> None:
+    # rank 0 has no samples: both ranks reach the same collectives (a bounded run, no hang), get
+    # the global loss, and DDP's averaged gradient is the single-process one
+    results = run_distributed(_empty_rank_body, world_size=2, args=((0, 5),), timeout=90)
+    assert results[0] == pytest.approx(results[1], abs=1e-12)
+
+
+def _all_empty_body(rank: int, world_size: int) -> list[float]:
+    logits = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
+    loss = ueo(logits, torch.zeros(0, dtype=torch.float64), group=dist.group.WORLD)
+    loss.backward()
+    feats = torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)
+    loss_c = clip_contrastive(feats, feats, group=dist.group.WORLD)
+    loss_c.backward()
+    return [loss.item(), loss_c.item()]
+
+
+@pytest.mark.distributed
+def test_an_empty_global_batch_gives_zero_on_every_rank() -> None:
+    assert run_distributed(_all_empty_body, world_size=2, timeout=90) == [[0.0, 0.0]] * 2
+
+
+def _bad_confidence_body(rank: int, world_size: int) -> str:
+    x, conf, weight = _data()
+    conf = conf[:4].clone()
+    if rank == 1:
+        conf[1] = -0.25  # only rank 1 sees the bad value
+    try:
+        ueo(x[:4] @ weight, conf, group=dist.group.WORLD)
+    except ValueError as err:
+        # the group is still usable: nobody is stuck in a collective
+        flag = torch.ones(1)
+        dist.all_reduce(flag)
+        assert flag.item() == world_size
+        return str(err)
+    return "no error"
+
+
+@pytest.mark.distributed
+def test_a_bad_confidence_on_one_rank_raises_on_every_rank() -> None:
+    messages = run_distributed(_bad_confidence_body, world_size=2, timeout=90)
+    assert messages[1] == "ueo: confidence must be > 0 everywhere, got -0.25"
+    assert messages[0].startswith("ueo: confidence must be > 0 everywhere, got a non-positive")
+    assert "another rank" in messages[0]

@@ -201,3 +201,12 @@ def test_ueo_with_a_masked_class_is_finite_and_matches_dropping_it() -> None:
     torch.testing.assert_close(loss.detach(), dropped)
     loss.backward()
     assert torch.isfinite(z.grad).all()
+
+
+@given(z=logits_st(max_classes=6, dtype=torch.float64), scale=st.floats(0.1, 100.0))
+def test_ueo_confidence_is_msp_at_inverse_temperature(z: torch.Tensor, scale: float) -> None:
+    from robustft.scores import msp
+
+    torch.testing.assert_close(
+        ueo_confidence(z, scale=scale), msp(z, temperature=1.0 / scale), atol=1e-12, rtol=1e-12
+    )

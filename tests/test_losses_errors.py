@@ -1,11 +1,16 @@
-"""Every raise of robustft.losses: the error names the function and the argument."""
+"""Every raise of robustft.losses: the error names the function and the argument.
+
+Table-driven: each case names the public function it exercises, and a test checks that the table
+covers every name in ``robustft.losses.__all__`` (a new loss cannot ship without error tests).
+"""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,461 +18,816 @@ from robustft import losses as L
 
 f = torch.randn(4, 3)
 f5 = torch.randn(5, 3)
+f_nodim = torch.randn(4, 0)
 text = torch.randn(6, 3)
 y = torch.tensor([0, 1, 2, 3])
 z = torch.randn(4, 6)
 w = torch.rand(4) + 0.1
 i_feat = torch.ones(4, 3, dtype=torch.long)
+INF = float("inf")
+POS = r"\(0(\.0)?, inf\)"  # the interval of a positive scale or temperature
 
-CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
-    # margin metric softmax / logits / distances
-    (
+
+class Case(NamedTuple):
+    id: str
+    fn: str  # the public function exercised
+    call: Callable[[], Any]
+    exc: type[Exception]
+    match: str
+
+
+CASES: list[Case] = [
+    # ------------------------------------------------------------ margin metric softmax / logits
+    Case(
         "mms batch",
+        "margin_metric_softmax",
         lambda: L.margin_metric_softmax(f5, text, y),
         ValueError,
         r"margin_metric_softmax: labels must have length 5",
     ),
-    (
+    Case(
         "mms dim",
+        "margin_metric_softmax",
         lambda: L.margin_metric_softmax(f, torch.randn(6, 4), y),
         ValueError,
         r"margin_metric_softmax: image_features.shape\[1\] must equal text_features.shape\[1\]",
     ),
-    (
+    Case(
         "mms rank",
+        "margin_metric_softmax",
         lambda: L.margin_metric_softmax(f[0], text, y),
         ValueError,
         r"margin_metric_softmax: image_features must have 2 dimension",
     ),
-    (
+    Case(
         "mms text rank",
+        "margin_metric_softmax",
         lambda: L.margin_metric_softmax(f, text[None], y),
         ValueError,
         r"margin_metric_softmax: text_features must have 2 dimension",
     ),
-    (
+    Case(
+        "mms empty feature axis",
+        "margin_metric_softmax",
+        lambda: L.margin_metric_softmax(f_nodim, text[:, :0], y),
+        ValueError,
+        r"margin_metric_softmax: image_features must have a non-empty feature axis \(dim 1\), "
+        r"got shape \(4, 0\)",
+    ),
+    Case(
         "mms int",
+        "margin_metric_softmax",
         lambda: L.margin_metric_softmax(i_feat, text, y),
         TypeError,
         r"margin_metric_softmax: image_features must be a floating-point tensor",
     ),
-    (
+    Case(
         "mms label dtype",
+        "margin_metric_softmax",
         lambda: L.margin_metric_softmax(f, text, y.float()),
         TypeError,
         r"margin_metric_softmax: labels must be an integer tensor",
     ),
-    (
+    Case(
+        "mms bool labels",
+        "margin_metric_softmax",
+        lambda: L.margin_metric_softmax(f, text, y > 1),
+        TypeError,
+        r"margin_metric_softmax: labels must be an integer tensor.*, got dtype torch.bool",
+    ),
+    Case(
         "mms label range",
+        "margin_metric_softmax",
         lambda: L.margin_metric_softmax(f, text, torch.tensor([0, 6, 1, 2])),
         ValueError,
         r"margin_metric_softmax: labels must be in \[0, 6\)",
     ),
-    (
+    Case(
+        "mms label range int16",
+        "margin_metric_softmax",
+        lambda: L.margin_metric_softmax(f, text, torch.tensor([0, 6, 1, 2], dtype=torch.int16)),
+        ValueError,
+        r"margin_metric_softmax: labels must be in \[0, 6\)",
+    ),
+    Case(
         "mms margin",
+        "margin_metric_softmax",
         lambda: L.margin_metric_softmax(f, text, y, margin=-0.1),
         ValueError,
-        r"margin_metric_softmax: margin must be in \[0.0, inf\)",
+        r"margin_metric_softmax: margin must be in \[0(\.0)?, inf\)",
     ),
-    (
+    Case(
+        "mms margin inf",
+        "margin_metric_softmax",
+        lambda: L.margin_metric_softmax(f, text, y, margin=INF),
+        ValueError,
+        r"margin_metric_softmax: margin must be a finite number",
+    ),
+    Case(
         "mms scale",
+        "margin_metric_softmax",
         lambda: L.margin_metric_softmax(f, text, y, logit_scale=0.0),
         ValueError,
-        r"margin_metric_softmax: logit_scale must be in \(0.0, inf\)",
+        r"margin_metric_softmax: logit_scale must be in " + POS,
     ),
-    (
+    Case(
+        "mms scale inf",
+        "margin_metric_softmax",
+        lambda: L.margin_metric_softmax(f, text, y, logit_scale=INF),
+        ValueError,
+        r"margin_metric_softmax: logit_scale must be a finite number in " + POS + ", got inf",
+    ),
+    Case(
+        "mms scale nan",
+        "margin_metric_softmax",
+        lambda: L.margin_metric_softmax(f, text, y, logit_scale=np.float64("nan")),
+        ValueError,
+        r"margin_metric_softmax: logit_scale must not be NaN",
+    ),
+    Case(
         "mms scale type",
+        "margin_metric_softmax",
         lambda: L.margin_metric_softmax(f, text, y, logit_scale="100"),
         TypeError,
         r"margin_metric_softmax: logit_scale must be a real number",
     ),
-    (
+    Case(
+        "mms scale bool",
+        "margin_metric_softmax",
+        lambda: L.margin_metric_softmax(f, text, y, logit_scale=True),
+        TypeError,
+        r"margin_metric_softmax: logit_scale must be a real number or a 0-d floating tensor, "
+        r"got True",
+    ),
+    Case(
         "mms reduction",
+        "margin_metric_softmax",
         lambda: L.margin_metric_softmax(f, text, y, reduction="avg"),
         ValueError,
         r"margin_metric_softmax: reduction must be one of 'mean', 'sum', 'none', got 'avg'",
     ),
-    (
+    Case(
         "mms dist shape",
+        "margin_metric_softmax",
         lambda: L.margin_metric_softmax(f, text, y, text_distances=torch.zeros(5, 5)),
         ValueError,
         r"margin_metric_softmax: text_distances must have shape \(6, 6\)",
     ),
-    (
+    Case(
         "mms no classes",
+        "margin_metric_softmax",
         lambda: L.margin_metric_softmax(f, text[:0], y),
         ValueError,
-        r"margin_metric_softmax: text_features must hold at least one class",
+        r"margin_metric_softmax: text_features must hold at least one class, got shape \(0, 3\)",
     ),
-    (
+    Case(
         "mml label range",
+        "margin_metric_logits",
         lambda: L.margin_metric_logits(f, text, torch.tensor([0, -1, 1, 2])),
         ValueError,
         r"margin_metric_logits: labels must be in \[0, 6\)",
     ),
-    (
+    Case(
         "mml dist dtype",
+        "margin_metric_logits",
         lambda: L.margin_metric_logits(
             f, text, y, text_distances=torch.zeros(6, 6, dtype=torch.long)
         ),
         TypeError,
         r"margin_metric_logits: text_distances must be a floating-point tensor",
     ),
-    (
+    Case(
+        "mml empty feature axis",
+        "margin_metric_logits",
+        lambda: L.margin_metric_logits(f, text[:, :0], y),
+        ValueError,
+        r"margin_metric_logits: text_features must have a non-empty feature axis \(dim 1\), got "
+        r"shape \(6, 0\)",
+    ),
+    Case(
+        "mml no classes",
+        "margin_metric_logits",
+        lambda: L.margin_metric_logits(f, text[:0], y),
+        ValueError,
+        r"margin_metric_logits: text_features must hold at least one class",
+    ),
+    Case(
         "text_distances rank",
+        "text_distances",
         lambda: L.text_distances(text[0]),
         ValueError,
         r"text_distances: text_features must have 2 dimension",
     ),
-    (
+    Case(
         "text_distances int",
+        "text_distances",
         lambda: L.text_distances(i_feat),
         TypeError,
         r"text_distances: text_features must be a floating-point tensor",
     ),
-    # entropy
-    (
+    Case(
+        "text_distances empty feature axis",
+        "text_distances",
+        lambda: L.text_distances(f_nodim),
+        ValueError,
+        r"text_distances: text_features must have a non-empty feature axis",
+    ),
+    # ------------------------------------------------------------ entropy
+    Case(
         "entropy 0-d",
+        "entropy",
         lambda: L.entropy(torch.tensor(1.0)),
         ValueError,
         r"entropy: logits must have at least 1 dimension",
     ),
-    (
+    Case(
         "entropy int",
+        "entropy",
         lambda: L.entropy(torch.ones(3, dtype=torch.long)),
         TypeError,
         r"entropy: logits must be a floating-point tensor",
     ),
-    ("entropy dim", lambda: L.entropy(z, dim=2), ValueError, r"entropy: dim must be in \[-2, 2\)"),
-    ("entropy dim type", lambda: L.entropy(z, dim=1.0), TypeError, r"entropy: dim must be an int"),
-    # ueo
-    (
+    Case(
+        "entropy dim",
+        "entropy",
+        lambda: L.entropy(z, dim=2),
+        ValueError,
+        r"entropy: dim must be in \[-2, 2\)",
+    ),
+    Case(
+        "entropy dim type",
+        "entropy",
+        lambda: L.entropy(z, dim=1.0),
+        TypeError,
+        r"entropy: dim must be an int",
+    ),
+    Case(
+        "entropy no classes",
+        "entropy",
+        lambda: L.entropy(torch.zeros(3, 0, 2), dim=1),
+        ValueError,
+        r"entropy: logits must have at least one class along dim 1, got shape \(3, 0, 2\)",
+    ),
+    # ------------------------------------------------------------ ueo
+    Case(
         "ueo batch",
+        "ueo",
         lambda: L.ueo(z, torch.rand(5) + 0.1),
         ValueError,
         r"ueo: confidence.shape\[0\] must equal logits.shape\[0\]",
     ),
-    ("ueo rank", lambda: L.ueo(z[0], w), ValueError, r"ueo: logits must have 2 dimension"),
-    (
+    Case("ueo rank", "ueo", lambda: L.ueo(z[0], w), ValueError, r"ueo: logits must have 2 dim"),
+    Case(
         "ueo conf rank",
+        "ueo",
         lambda: L.ueo(z, w[:, None]),
         ValueError,
         r"ueo: confidence must have 1 dimension",
     ),
-    ("ueo int", lambda: L.ueo(z.long(), w), TypeError, r"ueo: logits must be a floating-point"),
-    (
+    Case(
+        "ueo int",
+        "ueo",
+        lambda: L.ueo(z.long(), w),
+        TypeError,
+        r"ueo: logits must be a floating-point",
+    ),
+    Case(
         "ueo conf int",
+        "ueo",
         lambda: L.ueo(z, torch.ones(4, dtype=torch.long)),
         TypeError,
         r"ueo: confidence must be a floating-point",
     ),
-    (
+    Case(
         "ueo conf zero",
+        "ueo",
         lambda: L.ueo(z, torch.tensor([0.5, 0.0, 0.2, 0.1])),
         ValueError,
         r"ueo: confidence must be > 0 everywhere, got 0.0",
     ),
-    (
+    Case(
         "ueo conf neg",
+        "ueo",
         lambda: L.ueo(z, torch.tensor([0.5, 0.3, -0.2, 0.1])),
         ValueError,
         r"ueo: confidence must be > 0 everywhere, got -0.2",
     ),
-    (
+    Case(
+        "ueo no classes",
+        "ueo",
+        lambda: L.ueo(z[:, :0], w),
+        ValueError,
+        r"ueo: logits must have at least one class \(dim 1\), got shape \(4, 0\)",
+    ),
+    Case(
         "ueo trade_off",
+        "ueo",
         lambda: L.ueo(z, w, trade_off=-1.0),
         ValueError,
-        r"ueo: trade_off must be in \[0.0, inf\)",
+        r"ueo: trade_off must be in \[0(\.0)?, inf\)",
     ),
-    (
-        "ueo group",
+    Case(
+        "ueo trade_off inf",
+        "ueo",
+        lambda: L.ueo(z, w, trade_off=INF),
+        ValueError,
+        r"ueo: trade_off must be a finite number",
+    ),
+    Case(
+        "ueo group str",
+        "ueo",
         lambda: L.ueo(z, w, group="world"),
         TypeError,
         r"ueo: group must be a torch.distributed ProcessGroup or None, got 'world'",
     ),
-    ("ueo empty", lambda: L.ueo(z[:0], w[:0]), ValueError, r"ueo: logits must hold at least one"),
-    # ueo_confidence
-    (
+    Case(
+        "ueo group int",
+        "ueo",
+        lambda: L.ueo(z, w, group=0),
+        TypeError,
+        r"ueo: group must be a torch.distributed ProcessGroup or None, got 0",
+    ),
+    # ------------------------------------------------------------ ueo_confidence
+    Case(
         "conf rank",
+        "ueo_confidence",
         lambda: L.ueo_confidence(z[0]),
         ValueError,
         r"ueo_confidence: zero_shot_logits must have 2 dimension",
     ),
-    (
+    Case(
         "conf scale",
+        "ueo_confidence",
         lambda: L.ueo_confidence(z, scale=-1.0),
         ValueError,
-        r"ueo_confidence: scale must be in \(0.0, inf\)",
+        r"ueo_confidence: scale must be in " + POS,
     ),
-    (
+    Case(
+        "conf scale inf",
+        "ueo_confidence",
+        lambda: L.ueo_confidence(z, scale=np.float32("inf")),
+        ValueError,
+        r"ueo_confidence: scale must be a finite number",
+    ),
+    Case(
+        "conf scale tensor rank",
+        "ueo_confidence",
+        lambda: L.ueo_confidence(z, scale=torch.ones(1)),
+        TypeError,
+        r"ueo_confidence: scale must be a real number or a 0-d floating tensor",
+    ),
+    Case(
         "conf int",
+        "ueo_confidence",
         lambda: L.ueo_confidence(z.long()),
         TypeError,
         r"ueo_confidence: zero_shot_logits must be a floating-point",
     ),
-    (
+    Case(
         "conf no class",
+        "ueo_confidence",
         lambda: L.ueo_confidence(z[:, :0]),
         ValueError,
         r"ueo_confidence: zero_shot_logits must hold at least one class",
     ),
-    # energy gap
-    (
+    # ------------------------------------------------------------ energy gap
+    Case(
         "eg batch",
-        lambda: L.energy_gap(f, f5, text),
+        "energy_gap",
+        lambda: L.energy_gap(f, reference_features=f5, text_features=text),
         ValueError,
         r"energy_gap: features.shape\[0\] must equal reference_features.shape\[0\]",
     ),
-    (
+    Case(
         "eg dim",
-        lambda: L.energy_gap(f, f, torch.randn(6, 2)),
+        "energy_gap",
+        lambda: L.energy_gap(f, reference_features=f, text_features=torch.randn(6, 2)),
         ValueError,
         r"energy_gap: text_features.shape\[1\] must equal features.shape\[1\]",
     ),
-    (
+    Case(
         "eg ref dim",
-        lambda: L.energy_gap(f, torch.randn(4, 2), text),
+        "energy_gap",
+        lambda: L.energy_gap(f, reference_features=torch.randn(4, 2), text_features=text),
         ValueError,
         r"energy_gap: features.shape\[1\] must equal reference_features.shape\[1\]",
     ),
-    (
+    Case(
         "eg rank",
-        lambda: L.energy_gap(f[0], f[0], text),
+        "energy_gap",
+        lambda: L.energy_gap(f[0], reference_features=f[0], text_features=text),
         ValueError,
         r"energy_gap: features must have 2 dimension",
     ),
-    (
+    Case(
+        "eg empty feature axis",
+        "energy_gap",
+        lambda: L.energy_gap(f_nodim, reference_features=f_nodim, text_features=text[:, :0]),
+        ValueError,
+        r"energy_gap: features must have a non-empty feature axis",
+    ),
+    Case(
         "eg int",
-        lambda: L.energy_gap(f, i_feat, text),
+        "energy_gap",
+        lambda: L.energy_gap(f, reference_features=i_feat, text_features=text),
         TypeError,
         r"energy_gap: reference_features must be a floating-point",
     ),
-    (
+    Case(
         "eg not tensor",
-        lambda: L.energy_gap(f, f, [[1.0, 2.0, 3.0]]),
+        "energy_gap",
+        lambda: L.energy_gap(f, reference_features=f, text_features=[[1.0, 2.0, 3.0]]),
         TypeError,
         r"energy_gap: text_features must be a torch.Tensor",
     ),
-    (
+    Case(
         "eg no texts",
-        lambda: L.energy_gap(f, f, text[:0]),
+        "energy_gap",
+        lambda: L.energy_gap(f, reference_features=f, text_features=text[:0]),
         ValueError,
         r"energy_gap: text_features must hold at least one text",
     ),
-    (
+    Case(
         "eg scale",
-        lambda: L.energy_gap(f, f, text, logit_scale=-2.0),
+        "energy_gap",
+        lambda: L.energy_gap(f, reference_features=f, text_features=text, logit_scale=-2.0),
         ValueError,
-        r"energy_gap: logit_scale must be in \(0.0, inf\)",
+        r"energy_gap: logit_scale must be in " + POS,
     ),
-    (
+    Case(
+        "eg scale inf",
+        "energy_gap",
+        lambda: L.energy_gap(f, reference_features=f, text_features=text, logit_scale=INF),
+        ValueError,
+        r"energy_gap: logit_scale must be a finite number",
+    ),
+    Case(
         "eg reduction",
-        lambda: L.energy_gap(f, f, text, reduction=None),
+        "energy_gap",
+        lambda: L.energy_gap(f, reference_features=f, text_features=text, reduction=None),
         TypeError,
         r"energy_gap: reduction must be one of",
     ),
-    # distillation
-    (
+    # ------------------------------------------------------------ distillation
+    Case(
         "kd batch",
-        lambda: L.distillation(z, torch.randn(5, 6)),
+        "distillation",
+        lambda: L.distillation(z, teacher_logits=torch.randn(5, 6)),
         ValueError,
-        r"distillation: teacher_logits.shape\[0\] must equal student_logits.shape\[0\]",
+        r"distillation: teacher_logits.shape\[0\] must equal logits.shape\[0\]",
     ),
-    (
+    Case(
         "kd classes",
-        lambda: L.distillation(z, torch.randn(4, 5)),
+        "distillation",
+        lambda: L.distillation(z, teacher_logits=torch.randn(4, 5)),
         ValueError,
-        r"distillation: teacher_logits.shape\[1\] must equal student_logits.shape\[1\]",
+        r"distillation: teacher_logits.shape\[1\] must equal logits.shape\[1\]",
     ),
-    (
+    Case(
+        "kd no classes",
+        "distillation",
+        lambda: L.distillation(z[:, :0], teacher_logits=z[:, :0]),
+        ValueError,
+        r"distillation: logits must have at least one class \(dim 1\), got shape \(4, 0\)",
+    ),
+    Case(
         "kd rank",
-        lambda: L.distillation(z[0], z[0]),
+        "distillation",
+        lambda: L.distillation(z[0], teacher_logits=z[0]),
         ValueError,
-        r"distillation: student_logits must have 2 dimension",
+        r"distillation: logits must have 2 dimension",
     ),
-    (
+    Case(
         "kd int",
-        lambda: L.distillation(z, z.long()),
+        "distillation",
+        lambda: L.distillation(z, teacher_logits=z.long()),
         TypeError,
         r"distillation: teacher_logits must be a floating-point",
     ),
-    (
+    Case(
         "kd temperature 0",
-        lambda: L.distillation(z, z, temperature=0.0),
+        "distillation",
+        lambda: L.distillation(z, teacher_logits=z, temperature=0.0),
         ValueError,
-        r"distillation: temperature must be in \(0.0, inf\), got 0.0",
+        r"distillation: temperature must be in " + POS + ", got 0.0",
     ),
-    (
+    Case(
         "kd temperature neg",
-        lambda: L.distillation(z, z, temperature=-1),
+        "distillation",
+        lambda: L.distillation(z, teacher_logits=z, temperature=-1),
         ValueError,
-        r"distillation: temperature must be in \(0.0, inf\), got -1",
+        r"distillation: temperature must be in " + POS + ", got -1",
     ),
-    (
+    Case(
+        "kd temperature inf",
+        "distillation",
+        lambda: L.distillation(z, teacher_logits=z, temperature=INF),
+        ValueError,
+        r"distillation: temperature must be a finite number in " + POS + ", got inf",
+    ),
+    Case(
+        "kd temperature tensor rank",
+        "distillation",
+        lambda: L.distillation(z, teacher_logits=z, temperature=torch.ones(2)),
+        TypeError,
+        r"distillation: temperature must be a real number or a 0-d floating tensor",
+    ),
+    Case(
+        "kd temperature int tensor",
+        "distillation",
+        lambda: L.distillation(z, teacher_logits=z, temperature=torch.tensor(2)),
+        TypeError,
+        r"distillation: temperature must be a real number or a 0-d floating tensor",
+    ),
+    Case(
         "kd reduction",
-        lambda: L.distillation(z, z, reduction="max"),
+        "distillation",
+        lambda: L.distillation(z, teacher_logits=z, reduction="max"),
         ValueError,
         r"distillation: reduction must be one of",
     ),
-    # context distillation
-    (
+    # ------------------------------------------------------------ context distillation
+    Case(
         "car batch",
-        lambda: L.context_distillation(f, f5, text),
+        "context_distillation",
+        lambda: L.context_distillation(f, reference_features=f5, context_features=text),
         ValueError,
         r"context_distillation: features.shape\[0\] must equal reference_features.shape\[0\]",
     ),
-    (
+    Case(
         "car ctx dim",
-        lambda: L.context_distillation(f, f, torch.randn(6, 2)),
+        "context_distillation",
+        lambda: L.context_distillation(f, reference_features=f, context_features=torch.randn(6, 2)),
         ValueError,
         r"context_distillation: context_features.shape\[1\] must equal features.shape\[1\]",
     ),
-    (
+    Case(
         "car rank",
-        lambda: L.context_distillation(f, f, text[0]),
+        "context_distillation",
+        lambda: L.context_distillation(f, reference_features=f, context_features=text[0]),
         ValueError,
         r"context_distillation: context_features must have 2 dimension",
     ),
-    (
+    Case(
+        "car no contexts",
+        "context_distillation",
+        lambda: L.context_distillation(f, reference_features=f, context_features=text[:0]),
+        ValueError,
+        r"context_distillation: context_features must hold at least one context",
+    ),
+    Case(
+        "car empty feature axis",
+        "context_distillation",
+        lambda: L.context_distillation(
+            f_nodim, reference_features=f_nodim, context_features=text[:, :0]
+        ),
+        ValueError,
+        r"context_distillation: features must have a non-empty feature axis",
+    ),
+    Case(
         "car int",
-        lambda: L.context_distillation(i_feat, f, text),
+        "context_distillation",
+        lambda: L.context_distillation(i_feat, reference_features=f, context_features=text),
         TypeError,
         r"context_distillation: features must be a floating-point",
     ),
-    (
+    Case(
         "car temperature",
-        lambda: L.context_distillation(f, f, text, temperature=-0.5),
+        "context_distillation",
+        lambda: L.context_distillation(
+            f, reference_features=f, context_features=text, temperature=-0.5
+        ),
         ValueError,
-        r"context_distillation: temperature must be in \(0.0, inf\)",
+        r"context_distillation: temperature must be in " + POS,
     ),
-    (
+    Case(
+        "car temperature inf",
+        "context_distillation",
+        lambda: L.context_distillation(
+            f, reference_features=f, context_features=text, temperature=INF
+        ),
+        ValueError,
+        r"context_distillation: temperature must be a finite number",
+    ),
+    Case(
         "car scale",
-        lambda: L.context_distillation(f, f, text, logit_scale=0),
+        "context_distillation",
+        lambda: L.context_distillation(
+            f, reference_features=f, context_features=text, logit_scale=0
+        ),
         ValueError,
-        r"context_distillation: logit_scale must be in \(0.0, inf\)",
+        r"context_distillation: logit_scale must be in " + POS,
     ),
-    (
+    Case(
         "car reduction",
-        lambda: L.context_distillation(f, f, text, reduction="avg"),
+        "context_distillation",
+        lambda: L.context_distillation(
+            f, reference_features=f, context_features=text, reduction="avg"
+        ),
         ValueError,
         r"context_distillation: reduction must be one of",
     ),
-    # feature distillation
-    (
+    # ------------------------------------------------------------ feature distillation
+    Case(
         "featkd batch",
-        lambda: L.feature_distillation(f, f5),
+        "feature_distillation",
+        lambda: L.feature_distillation(f, reference_features=f5),
         ValueError,
         r"feature_distillation: features.shape\[0\] must equal reference_features.shape\[0\]",
     ),
-    (
+    Case(
         "featkd rank",
-        lambda: L.feature_distillation(f, f[None]),
+        "feature_distillation",
+        lambda: L.feature_distillation(f, reference_features=f[None]),
         ValueError,
         r"feature_distillation: reference_features must have 2 dimension",
     ),
-    (
+    Case(
+        "featkd empty feature axis",
+        "feature_distillation",
+        lambda: L.feature_distillation(f_nodim, reference_features=f_nodim),
+        ValueError,
+        r"feature_distillation: features must have a non-empty feature axis",
+    ),
+    Case(
         "featkd int",
-        lambda: L.feature_distillation(i_feat, f),
+        "feature_distillation",
+        lambda: L.feature_distillation(i_feat, reference_features=f),
         TypeError,
         r"feature_distillation: features must be a floating-point",
     ),
-    (
+    Case(
         "featkd reduction",
-        lambda: L.feature_distillation(f, f, reduction="MEAN"),
+        "feature_distillation",
+        lambda: L.feature_distillation(f, reference_features=f, reduction="MEAN"),
         ValueError,
         r"feature_distillation: reduction must be one of",
     ),
-    # l2sp
-    (
+    # ------------------------------------------------------------ l2sp
+    Case(
         "l2sp missing",
-        lambda: L.l2sp({"a": f}, {"a": f, "b": f}),
+        "l2sp",
+        lambda: L.l2sp({"a": f}, anchor={"a": f, "b": f}),
         ValueError,
         r"l2sp: params must have all the keys of anchor; missing keys \['b'\]",
     ),
-    (
+    Case(
         "l2sp shape",
-        lambda: L.l2sp({"a": f}, {"a": f5}),
+        "l2sp",
+        lambda: L.l2sp({"a": f}, anchor={"a": f5}),
         ValueError,
         r"l2sp: anchor and params must have the same shape at every key",
     ),
-    ("l2sp not tree", lambda: L.l2sp([f], {"a": f}), TypeError, r"l2sp: params must be a mapping"),
-    (
+    Case(
+        "l2sp not tree",
+        "l2sp",
+        lambda: L.l2sp([f], anchor={"a": f}),
+        TypeError,
+        r"l2sp: params must be a mapping",
+    ),
+    Case(
         "l2sp leaf",
-        lambda: L.l2sp({"a": f}, {"a": 1.0}),
+        "l2sp",
+        lambda: L.l2sp({"a": f}, anchor={"a": 1.0}),
         TypeError,
         r"l2sp: anchor must have torch.Tensor leaves",
     ),
-    (
-        "l2sp int",
-        lambda: L.l2sp({"a": i_feat}, {"a": i_feat}),
+    Case(
+        "l2sp int anchor",
+        "l2sp",
+        lambda: L.l2sp({"a": f}, anchor={"a": i_feat}),
         TypeError,
-        r"l2sp: params and anchor must hold floating-point tensors.*'a'",
+        r"l2sp: anchor must hold floating-point tensors only, got torch.int64 at keys \['a'\]",
     ),
-    # clip contrastive
-    (
+    Case(
+        "l2sp int params",
+        "l2sp",
+        lambda: L.l2sp({"a": i_feat, "b": f}, anchor={"a": f}),
+        TypeError,
+        r"l2sp: params must hold floating-point tensors at the anchored keys, got torch.int64 at "
+        r"keys \['a'\]",
+    ),
+    Case(
+        "l2sp device",
+        "l2sp",
+        lambda: L.l2sp({"a": f}, anchor={"a": torch.empty(4, 3, device="meta")}),
+        ValueError,
+        r"l2sp: anchor must be on the device of params at every anchored key .*got meta and cpu "
+        r"at keys \['a'\]",
+    ),
+    # ------------------------------------------------------------ clip contrastive
+    Case(
         "clip batch",
+        "clip_contrastive",
         lambda: L.clip_contrastive(f, f5),
         ValueError,
         r"clip_contrastive: image_features.shape\[0\] must equal text_features.shape\[0\]",
     ),
-    (
+    Case(
         "clip rank",
+        "clip_contrastive",
         lambda: L.clip_contrastive(f[0], f[0]),
         ValueError,
         r"clip_contrastive: image_features must have 2 dimension",
     ),
-    (
+    Case(
+        "clip empty feature axis",
+        "clip_contrastive",
+        lambda: L.clip_contrastive(f_nodim, f_nodim),
+        ValueError,
+        r"clip_contrastive: image_features must have a non-empty feature axis",
+    ),
+    Case(
         "clip int",
+        "clip_contrastive",
         lambda: L.clip_contrastive(f, i_feat),
         TypeError,
         r"clip_contrastive: text_features must be a floating-point",
     ),
-    (
+    Case(
         "clip scale",
+        "clip_contrastive",
         lambda: L.clip_contrastive(f, f, logit_scale=-1.0),
         ValueError,
-        r"clip_contrastive: logit_scale must be in \(0.0, inf\)",
+        r"clip_contrastive: logit_scale must be in " + POS,
     ),
-    (
+    Case(
+        "clip scale inf",
+        "clip_contrastive",
+        lambda: L.clip_contrastive(f, f, logit_scale=INF),
+        ValueError,
+        r"clip_contrastive: logit_scale must be a finite number",
+    ),
+    Case(
         "clip scale tensor",
+        "clip_contrastive",
         lambda: L.clip_contrastive(f, f, logit_scale=torch.ones(2)),
         TypeError,
         r"clip_contrastive: logit_scale must be a real number or a 0-d floating tensor",
     ),
-    (
+    Case(
         "clip group",
+        "clip_contrastive",
         lambda: L.clip_contrastive(f, f, group=0),
         TypeError,
         r"clip_contrastive: group must be a torch.distributed ProcessGroup or None, got 0",
     ),
-    (
-        "clip empty",
-        lambda: L.clip_contrastive(f[:0], f[:0]),
-        ValueError,
-        r"clip_contrastive: image_features must hold at least one pair",
-    ),
 ]
 
 
-@pytest.mark.parametrize(
-    ("call", "exc", "match"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
-)
-def test_bad_input_raises_naming_function_and_argument(
-    call: Callable[[], Any], exc: type[Exception], match: str
-) -> None:
-    with pytest.raises(exc, match=match):
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_raises_naming_function_and_argument(case: Case) -> None:
+    with pytest.raises(case.exc, match=case.match) as info:
+        case.call()
+    assert str(info.value).startswith(f"{case.fn}: ")
+
+
+def test_error_table_covers_every_public_function() -> None:
+    assert {c.fn for c in CASES} == set(L.__all__)
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+# ---------------------------------------------------------------- keyword-only API
+
+# (function, the arguments a swapped call would pass positionally)
+SWAPPED: list[tuple[str, Callable[[], Any]]] = [
+    ("l2sp", lambda: L.l2sp({"a": f}, {"a": f})),  # type: ignore[misc]
+    ("distillation", lambda: L.distillation(z, z)),  # type: ignore[misc]
+    ("feature_distillation", lambda: L.feature_distillation(f, f)),  # type: ignore[misc]
+    ("context_distillation", lambda: L.context_distillation(f, f, text)),  # type: ignore[misc]
+    ("energy_gap", lambda: L.energy_gap(f, f, text)),  # type: ignore[misc]
+]
+
+# the reference (frozen, pre-trained, teacher) side of every two-sided function
+REFERENCE_NAMES = {"anchor", "teacher_logits", "reference_features", "context_features"}
+
+
+@pytest.mark.parametrize(("name", "call"), SWAPPED, ids=[s[0] for s in SWAPPED])
+def test_positional_reference_side_is_rejected(name: str, call: Callable[[], Any]) -> None:
+    # a swapped (or merely positional) reference would be silently accepted: it must fail
+    with pytest.raises(TypeError, match=rf"{name}\(\) takes 1 positional argument"):
         call()
 
 
 @pytest.mark.parametrize("name", L.__all__)
-def test_hyper_parameters_are_keyword_only(name: str) -> None:
-    # every parameter with a default (a hyper-parameter) is keyword-only
+def test_reference_side_and_hyper_parameters_are_keyword_only(name: str) -> None:
     sig = inspect.signature(getattr(L, name))
     for p in sig.parameters.values():
-        if p.default is not inspect.Parameter.empty:
+        if p.default is not inspect.Parameter.empty or p.name in REFERENCE_NAMES:
             assert p.kind is inspect.Parameter.KEYWORD_ONLY, (name, p.name)
+    if name == "energy_gap":  # the random texts too: [M, D] swaps silently with [B, D]
+        assert sig.parameters["text_features"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
 def test_positional_hyper_parameter_is_rejected() -> None:
     with pytest.raises(TypeError, match="positional argument"):
         L.margin_metric_softmax(f, text, y, 0.3)  # type: ignore[misc]
+
+
+def test_keyword_only_table_covers_every_two_sided_function() -> None:
+    two_sided = {
+        name
+        for name in L.__all__
+        if REFERENCE_NAMES & set(inspect.signature(getattr(L, name)).parameters)
+    }
+    assert two_sided == {name for name, _ in SWAPPED}

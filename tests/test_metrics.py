@@ -15,6 +15,7 @@ from reference.metrics_ref import (
     auroc_ref,
     ece_ref,
     fpr_at_tpr_ref,
+    harmonic_mean_ref,
     nll_ref,
     open_set_ref,
 )
@@ -361,13 +362,16 @@ def test_open_set_threshold_may_be_a_tensor() -> None:
 
 
 def test_harmonic_mean() -> None:
-    torch.testing.assert_close(harmonic_mean(0.8, 0.6), torch.tensor(2 * 0.8 * 0.6 / 1.4))
-    torch.testing.assert_close(harmonic_mean(0.0, 0.0), torch.tensor(0.0))
-    torch.testing.assert_close(harmonic_mean(0.0, 0.7), torch.tensor(0.0))
+    f64 = torch.float64
+    torch.testing.assert_close(
+        harmonic_mean(0.8, 0.6), torch.tensor(2 * 0.8 * 0.6 / 1.4, dtype=f64)
+    )
+    torch.testing.assert_close(harmonic_mean(0.0, 0.0), torch.tensor(0.0, dtype=f64))
+    torch.testing.assert_close(harmonic_mean(0.0, 0.7), torch.tensor(0.0, dtype=f64))
     a = torch.tensor([0.5, 0.0, 1.0], dtype=torch.float64)
     got = harmonic_mean(a, torch.tensor([0.5, 0.0, 0.25], dtype=torch.float64))
     torch.testing.assert_close(got, torch.tensor([0.5, 0.0, 0.4], dtype=torch.float64))
-    torch.testing.assert_close(harmonic_mean(70, 80), torch.tensor(2 * 70 * 80 / 150))
+    torch.testing.assert_close(harmonic_mean(70, 80), torch.tensor(2 * 70 * 80 / 150, dtype=f64))
 
 
 @given(a=st.floats(0, 1), b=st.floats(0, 1))
@@ -375,6 +379,91 @@ def test_harmonic_mean_properties(a: float, b: float) -> None:
     h = float(harmonic_mean(a, b))
     assert h == pytest.approx(float(harmonic_mean(b, a)))
     assert min(a, b) - 1e-6 <= h <= (a + b) / 2 + 1e-6  # min <= H <= arithmetic mean
+
+
+def test_harmonic_mean_huge_and_infinite_inputs() -> None:
+    """2ab overflows float32 from a, b ~ 1.3e19; the value itself is representable."""
+    big = torch.tensor([1e38, 3e38, 3.4e38, 1e30], dtype=torch.float32)
+    other = torch.tensor([1e38, 1e38, 3.4e38, 1e-30], dtype=torch.float32)
+    got = harmonic_mean(big, other)
+    assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
+    want = [harmonic_mean_ref(float(x), float(w)) for x, w in zip(big, other)]
+    torch.testing.assert_close(
+        got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=0
+    )
+    inf = float("inf")
+    assert float(harmonic_mean(inf, 3.0)) == 6.0  # the limit 2b
+    assert float(harmonic_mean(3.0, torch.tensor(inf))) == 6.0
+    assert float(harmonic_mean(inf, inf)) == inf
+    assert float(harmonic_mean(0.0, inf)) == 0.0
+    assert float(harmonic_mean(np.float32(0.8), np.float64(0.6))) == pytest.approx(2 * 0.48 / 1.4)
+    huge64 = harmonic_mean(torch.tensor(1e308, dtype=torch.float64), 1e308)
+    assert huge64.dtype == torch.float64 and float(huge64) == pytest.approx(1e308, rel=1e-15)
+    # Python numbers are doubles: two of them give float64; with a tensor, the tensor's dtype
+    assert harmonic_mean(1e308, 1e308).dtype == torch.float64
+    assert float(harmonic_mean(1e308, 1e308)) == pytest.approx(1e308, rel=1e-15)
+    assert harmonic_mean(torch.tensor(0.5), 0.25).dtype == torch.float32
+
+
+@given(
+    a=st.floats(0, 3.3999999521443642e38, allow_subnormal=False, width=32),
+    b=st.floats(0, 3.3999999521443642e38, allow_subnormal=False, width=32),
+)
+def test_harmonic_mean_matches_exact_arithmetic_over_float32_range(a: float, b: float) -> None:
+    got = harmonic_mean(torch.tensor(a), torch.tensor(b))
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(harmonic_mean_ref(a, b), rel=1e-6, abs=1e-37)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_every_integer_label_dtype(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,), generator=g)
+    for fn in CLOSED:
+        assert fn(z, y.to(dtype)) == fn(z, y)
+    if dtype != torch.uint8:  # -1 needs a signed dtype
+        mixed = torch.where(torch.arange(20) % 3 == 0, -1, y)
+        s = torch.rand(20, generator=g)
+        assert open_set(z, mixed.to(dtype), s, threshold=0.5) == open_set(
+            z, mixed, s, threshold=0.5
+        )
+
+
+def test_nan_logits_are_refused_not_counted() -> None:
+    """torch.argmax treats NaN as the maximum: row [NaN, 5] with label 0 would count correct."""
+    z = torch.tensor([[float("nan"), 5.0], [3.0, 0.0]])
+    assert int(z.argmax(-1)[0]) == 0
+    for fn in CLOSED:
+        with pytest.raises(ValueError, match=rf"{fn.__name__}: logits must have a finite maximum"):
+            fn(z, torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match=r"open_set: logits must have a finite maximum"):
+        open_set(z, torch.tensor([0, -1]), torch.rand(2), threshold=0.5)
+    # a masked class (-inf) is fine; a label on a masked class has probability 0
+    masked = torch.tensor([[float("-inf"), 5.0], [3.0, float("-inf")]])
+    assert float(accuracy(masked, torch.tensor([1, 0]))) == 1.0
+    assert float(nll(masked, torch.tensor([1, 0]))) == 0.0
+    assert float(nll(masked, torch.tensor([0, 0]))) == math.inf  # the true value
+    assert float(ece(masked, torch.tensor([1, 0]))) == 0.0
+
+
+def test_extreme_but_accepted_logits_and_confidences() -> None:
+    big = 3e38  # near float32's maximum: softmax must not overflow
+    z = torch.tensor([[big, -big], [-big, big], [0.0, 0.0]])
+    y = torch.tensor([0, 0, 1])
+    assert float(accuracy(z, y)) == pytest.approx(1 / 3)
+    # confidences 1, 1, 0.5, only the first right: |1/3 - 2.5/3| = 1/2 with one bin
+    assert float(ece(z, y, num_bins=1)) == pytest.approx(1 / 2)
+    assert float(ece(z, y)) == pytest.approx(ece_ref(z, y), abs=1e-7)
+    assert float(nll(z[2:], y[2:])) == pytest.approx(math.log(2))
+    # many classes: confidence 1/C, tiny but positive, lands in the first bin (both wrong)
+    wide = torch.zeros(2, 200_000)
+    assert float(ece(wide, torch.tensor([1, 1]), num_bins=15)) == pytest.approx(1 / 200_000)
+    # a confidence a hair above a bin edge and one exactly on it (float64)
+    edge = t64([[0.0, 0.0], [0.0, -1e-15]])
+    assert float(ece(edge, torch.tensor([0, 0]), num_bins=2)) == pytest.approx(
+        ece_ref(edge, torch.tensor([0, 0]), 2), abs=1e-15
+    )
 
 
 # ------------------------------------------------------------------------ dtypes and purity
@@ -536,4 +625,5 @@ def test_public_names() -> None:
         "open_set",
         "harmonic_mean",
         "Evaluation",
+        "energy_gap",
     }

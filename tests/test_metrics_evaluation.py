@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 from _dist import run_distributed
+from _memory import peak_alloc_bytes
 from torch import Tensor
+from torch.utils.data import DistributedSampler
 
 from robustft import scores
 from robustft.metrics import (
@@ -129,7 +132,9 @@ def test_storage_detached_on_the_chosen_device_and_reset() -> None:
     assert torch.equal(w.detach(), z)  # input untouched
     ev.reset()
     assert ev.num_samples == 0
-    with pytest.raises(ValueError, match=r"Evaluation.compute: no samples were collected"):
+    with pytest.raises(
+        ValueError, match=r"Evaluation.compute: update\(\) must have added samples first"
+    ):
         ev.compute()
     ev64 = Evaluation(device="cpu")
     ev64.update(z.double(), y)
@@ -150,8 +155,21 @@ def test_constructor_errors() -> None:
     for bad in (0.0, 1.01):
         with pytest.raises(ValueError, match=r"Evaluation: tpr must be in \(0.0, 1.0\]"):
             Evaluation(tpr=bad)
-    with pytest.raises(TypeError, match=r"Evaluation: device must be a torch.device"):
+    with pytest.raises(
+        TypeError, match=r"Evaluation: device must be None, a str or a torch.device"
+    ):
         Evaluation(device=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"Evaluation: device must name a torch device"):
+        Evaluation(device="gpu7")
+    for bad_group in (0, "world", object()):
+        with pytest.raises(TypeError, match=r"Evaluation: group must be a torch.distributed"):
+            Evaluation(group=bad_group)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"Evaluation: num_bins must be an int"):
+        Evaluation(num_bins=2.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"Evaluation: tpr must be a real number"):
+        Evaluation(tpr="0.9")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"Evaluation: threshold must be a real number"):
+        Evaluation(threshold="0.5")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         Evaluation("msp")  # type: ignore[misc]
 
@@ -173,18 +191,156 @@ def test_update_errors() -> None:
     with pytest.raises(ValueError, match=r"Evaluation.update: the score function's output must"):
         Evaluation(score=lambda logits: logits).update(z[:3], y[:3])
     with_scores = Evaluation()
-    with pytest.raises(ValueError, match=r"Evaluation.update: scores must have shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"Evaluation.update: scores must have length 3"):
         with_scores.update(z[:3], y[:3], torch.rand(4))
     with pytest.raises(TypeError, match=r"Evaluation.update: scores must be a floating-point"):
         with_scores.update(z[:3], y[:3], torch.arange(3))
+    with pytest.raises(ValueError, match=r"Evaluation.update: scores must not contain NaN"):
+        with_scores.update(z[:3], y[:3], torch.tensor([0.1, float("nan"), 0.3]))
+    with pytest.raises(TypeError, match=r"Evaluation.update: indices must be an integer tensor"):
+        with_scores.update(z[:3], y[:3], torch.rand(3), indices=torch.rand(3))
+    with pytest.raises(ValueError, match=r"Evaluation.update: indices must have length 3"):
+        with_scores.update(z[:3], y[:3], torch.rand(3), indices=torch.arange(4))
+    bad_rows = z[:3].clone()
+    bad_rows[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"Evaluation.update: logits must have a finite maximum"):
+        with_scores.update(bad_rows, y[:3], torch.rand(3))
+    with pytest.raises(
+        ValueError, match=r"Evaluation.update: the score function's output must not"
+    ):
+        Evaluation(score=lambda logits: logits[:, 0] * float("nan")).update(z[:3], y[:3])
     assert with_scores.num_samples == 0  # failed updates store nothing
-    nan = Evaluation()
-    nan.update(z[:3], y[:3], torch.tensor([0.1, float("nan"), 0.3]))
-    with pytest.raises(ValueError, match=r"auroc: scores must not contain NaN"):
-        nan.compute()
+    with_scores.update(z[:3], y[:3], torch.rand(3), indices=torch.arange(3))
+    with pytest.raises(ValueError, match=r"Evaluation.update: indices must be given for every"):
+        with_scores.update(z[:3], y[:3], torch.rand(3))
+    assert with_scores.num_samples == 3
 
 
-# ---------------------------------------------------------------------- two gloo processes
+def test_exact_for_any_split_and_dtype() -> None:
+    """Per-sample scalars through the same kernels: equal to the functions on the concatenation."""
+    z, y = _data(n=60, classes=5, seed=3)
+    z = z.double()
+    s = scores.energy(z)
+    for sizes in ([60], [1] * 60, [7, 13, 40], [59, 1]):
+        ev = Evaluation(score="energy", threshold=1.0, num_bins=10)
+        _stream(ev, z, y, sizes)
+        r = ev.compute()
+        assert r.nll is not None and r.nll.dtype == torch.float64
+        known = (y >= 0) & (y < 5)
+        want = [
+            accuracy(z[known], y[known]),
+            nll(z[known], y[known]),
+            ece(z[known], y[known], num_bins=10),
+            auroc(s, known),
+            fpr_at_tpr(s, known),
+            *open_set(z, y, s, threshold=1.0),
+        ]
+        for got, w in zip(_values(r), want):
+            assert got == pytest.approx(float(w), rel=1e-13, abs=1e-15)
+    # a float64 batch after float32 ones widens the stored scalars, like torch.cat would
+    mixed = Evaluation(threshold=0.5)
+    mixed.update(z[:30].float(), y[:30])
+    mixed.update(z[30:], y[30:])
+    cat = torch.cat([z[:30].float().double(), z[30:]])
+    r = mixed.compute()
+    assert r.nll is not None and r.nll.dtype == torch.float64
+    assert _values(r) == pytest.approx(_one_shot(cat, y, scores.msp(cat), 0.5), rel=1e-6)
+
+
+def test_reused_buffers_do_not_rewrite_earlier_batches() -> None:
+    """A loop that fills one preallocated logits/labels/scores buffer per batch (as with pinned
+    memory or CUDA graphs) must give the metrics of the distinct batches."""
+    z, y = _data()
+    s = torch.rand(len(y), generator=torch.Generator().manual_seed(5))
+    buf_z, buf_y, buf_s = torch.empty(4, 4), torch.empty(4, dtype=torch.long), torch.empty(4)
+    ev = Evaluation(threshold=0.4)
+    for start in range(0, len(y) - len(y) % 4, 4):
+        buf_z.copy_(z[start : start + 4])
+        buf_y.copy_(y[start : start + 4])
+        buf_s.copy_(s[start : start + 4])
+        ev.update(buf_z, buf_y, buf_s)
+    buf_z.fill_(float("nan"))  # the caller's buffer changes after the last update
+    buf_y.fill_(0)
+    buf_s.fill_(0.0)
+    n = len(y) - len(y) % 4
+    got = _values(ev.compute())
+    assert got == pytest.approx(_one_shot(z[:n], y[:n], s[:n], 0.4), rel=1e-6)
+
+
+def test_nan_logits_never_count_as_correct() -> None:
+    """torch.argmax picks a NaN as the maximum: a NaN in the label's column would be 'correct'."""
+    z = torch.tensor([[float("nan"), 5.0], [3.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 0, -1])
+    assert int(z.argmax(-1)[0]) == 0  # what would have been counted right
+    ev = Evaluation()
+    with pytest.raises(
+        ValueError, match=r"Evaluation.update: logits must have a finite maximum in"
+    ):
+        ev.update(z, y)
+    for bad in (float("inf"), float("-inf")):
+        row = torch.tensor([[bad, bad], [3.0, 0.0], [0.0, 1.0]])
+        with pytest.raises(ValueError, match=r"got 1 row\(s\) without one \(first: row 0"):
+            ev.update(row, y)
+    assert ev.num_samples == 0
+    masked = torch.tensor([[float("-inf"), 5.0], [3.0, float("-inf")], [0.0, 1.0]])
+    ev.update(masked, torch.tensor([1, 0, -1]))  # a masked (-inf) class is fine
+    r = ev.compute()
+    assert float(r.accuracy) == 1.0 and float(r.nll) == 0.0  # type: ignore[arg-type]
+
+
+def test_integer_label_dtypes_and_numpy_settings() -> None:
+    z, y = _data()
+    want = _values(_run(Evaluation(threshold=0.6, tpr=0.9), z, y))
+    for dtype in (torch.int32, torch.int16, torch.int8):
+        ev = Evaluation(threshold=np.float32(0.6), tpr=np.float64(0.9), num_bins=np.int64(15))
+        assert _values(_run(ev, z, y.to(dtype))) == want
+    known = y.clamp(0, 3).to(torch.uint8)  # uint8 cannot hold -1: known labels only
+    r = _run(Evaluation(), z, known)
+    assert r.accuracy == accuracy(z, known.long())
+
+
+def _run(ev: Evaluation, z: Tensor, y: Tensor) -> EvaluationResult:
+    _stream(ev, z, y, SIZES)
+    return ev.compute()
+
+
+def test_indices_count_each_sample_once() -> None:
+    """Duplicated samples (DistributedSampler's padding, a repeated shard) are counted once."""
+    z, y = _data()
+    n = len(y)
+    order = torch.cat([torch.arange(n), torch.tensor([0, 1, 5, 5])])  # four repeats at the end
+    ev = Evaluation(threshold=0.6)
+    for part in order.split(7):
+        ev.update(z[part], y[part], indices=part.int())
+    r = ev.compute()
+    assert ev.num_samples == n + 4
+    assert _values(r) == _one_shot(z, y, scores.msp(z), 0.6)
+    assert (r.num_known, r.num_unknown) == (int(((y >= 0) & (y < 4)).sum()), n - r.num_known)
+    without = Evaluation(threshold=0.6)
+    for part in order.split(7):
+        without.update(z[part], y[part])
+    assert without.compute().num_known + without.compute().num_unknown == n + 4
+
+
+def test_memory_is_o_samples_not_o_logits() -> None:
+    """Issue 13: peak allocation over a whole evaluation <= 5% of the logits' total size."""
+    classes, batch, steps = 2000, 64, 120
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(batch, classes, generator=g)
+    y = torch.randint(-1, classes, (batch,), generator=g)
+
+    def run() -> None:
+        ev = Evaluation(threshold=0.001)
+        for _ in range(steps):
+            ev.update(z, y)  # the same batch again: only the scalars accumulate
+        ev.compute()
+
+    peak = peak_alloc_bytes(run)
+    logits_total = steps * batch * classes * 4
+    assert peak <= 0.05 * logits_total, (peak, logits_total)
+
+
+# ---------------------------------------------------------------------- two gloo# ---------------------------------------------------------------------- two gloo processes
 
 RANK_SIZES = {0: [5, 8], 1: [3, 1, 4]}  # 13 and 8 samples: uneven ranks and batches
 
@@ -218,8 +374,25 @@ def _dist_body(rank: int, world_size: int) -> dict[str, Any]:
     with pytest.raises(ValueError, match=r"Evaluation.compute: every rank must pass scores"):
         mixed.compute()
     empty = Evaluation(group=dist.group.WORLD)
-    with pytest.raises(ValueError, match=r"Evaluation.compute: no samples were collected on any"):
+    with pytest.raises(
+        ValueError,
+        match=r"Evaluation.compute: update\(\) must have added samples on some rank first",
+    ):
         empty.compute()
+
+    # DistributedSampler pads 21 samples to 22: rank 1's last sample repeats sample 0
+    sampler = DistributedSampler(range(21), num_replicas=world_size, rank=rank, shuffle=False)
+    mine_idx = torch.tensor(list(sampler))
+    padded = Evaluation(threshold=0.6, group=dist.group.WORLD)
+    for part in mine_idx.split(4):
+        padded.update(z[part], y[part], indices=part)
+    r = padded.compute()
+    out["padded"] = [*_values(r), r.num_known, r.num_unknown]
+    out["padded_local"] = padded.num_samples
+    half = Evaluation(group=dist.group.WORLD)
+    half.update(z[:2], y[:2], indices=torch.arange(2) if rank == 0 else None)
+    with pytest.raises(ValueError, match=r"Evaluation.compute: every rank must pass indices"):
+        half.compute()
     return out
 
 
@@ -235,3 +408,6 @@ def test_two_process_gloo_equals_single_process() -> None:
     assert [r["local"] for r in results] == [n0, 21 - n0]
     lonely = _one_shot(z[:n0], y[:n0], s[:n0], 0.6)
     assert results[0]["lonely"] == results[1]["lonely"] == lonely
+    assert [r["padded_local"] for r in results] == [11, 11]  # 22 = 21 + one padding sample
+    assert results[0]["padded"] == results[1]["padded"]
+    assert results[0]["padded"] == pytest.approx(want, rel=1e-6)  # each sample once

@@ -1,21 +1,25 @@
-"""robustft.projections: wise, l2_ball, mars_ball."""
+"""robustft.projections: l2_ball, mars_ball, their in-place forms, and the error table."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from _memory import peak_alloc_bytes
 from hypothesis import given
 from hypothesis import strategies as st
-from reference.projections_ref import l2_ball_ref, mars_ball_ref, wise_ref
+from reference.projections_ref import l2_ball_ref, mars_ball_ref
 from strategies import tree_pairs
 
 from robustft import projections
-from robustft.projections import l2_ball, mars_ball, wise
+from robustft.projections import l2_ball, l2_ball_, mars_ball, mars_ball_, tpgm
 
 BALLS = {"l2_ball": (l2_ball, l2_ball_ref), "mars_ball": (mars_ball, mars_ball_ref)}
+IN_PLACE = {"l2_ball": l2_ball_, "mars_ball": mars_ball_}
 
 
 def rows_l1(x: torch.Tensor) -> torch.Tensor:
@@ -34,96 +38,19 @@ def assert_close_tree(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]
         torch.testing.assert_close(v.double(), ref[k].double(), rtol=tol, atol=tol)
 
 
-# ---------------------------------------------------------------- wise
-
-
-def test_wise_hand_values_and_per_key_alpha() -> None:
-    anchor = {"w": torch.tensor([0.0, 2.0]), "b": torch.tensor([1.0])}
-    params = {"w": torch.tensor([4.0, 6.0]), "b": torch.tensor([3.0])}
-    out = wise(anchor, params, alpha=0.25)
-    assert torch.equal(out["w"], torch.tensor([1.0, 3.0]))
-    assert torch.equal(out["b"], torch.tensor([1.5]))
-    out = wise(anchor, params, alpha={"w": 0.5, "b": 1.0})
-    assert torch.equal(out["w"], torch.tensor([2.0, 4.0]))
-    assert torch.equal(out["b"], torch.tensor([3.0]))
-
-
-@given(pair=tree_pairs(n=2), alpha=st.floats(-0.5, 1.5))
-def test_wise_endpoints_and_reference(pair: list[dict[str, torch.Tensor]], alpha: float) -> None:
-    anchor, params = pair
-    for k, v in wise(anchor, params, alpha=0.0).items():
-        assert torch.equal(v, anchor[k])
-    for k, v in wise(anchor, params, alpha=1.0).items():
-        assert torch.equal(v, params[k])
-    assert_close_tree(wise(anchor, params, alpha=alpha), wise_ref(anchor, params, alpha))
-
-
-@given(pair=tree_pairs(n=2), a=st.floats(0, 1), b=st.floats(0, 1), lam=st.floats(0, 1))
-def test_wise_is_linear_in_alpha(
-    pair: list[dict[str, torch.Tensor]], a: float, b: float, lam: float
-) -> None:
-    anchor, params = pair
-    mixed = wise(anchor, params, alpha=lam * a + (1 - lam) * b)
-    wa, wb = wise(anchor, params, alpha=a), wise(anchor, params, alpha=b)
-    assert_close_tree(mixed, {k: lam * wa[k].double() + (1 - lam) * wb[k].double() for k in wa})
-
-
-def test_wise_gradient_in_alpha_and_params() -> None:
-    anchor = {"w": torch.tensor([1.0, -2.0], dtype=torch.float64)}
-    params = {"w": torch.tensor([4.0, 3.0], dtype=torch.float64)}
-
-    def f(alpha: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        return wise(anchor, p, alpha=alpha)["w"].sum()
-
-    ga, gp = torch.func.grad(f, argnums=(0, 1))(torch.tensor(0.3, dtype=torch.float64), params)
-    assert float(ga) == pytest.approx(8.0)  # sum(params - anchor)
-    torch.testing.assert_close(gp["w"], torch.full((2,), 0.3, dtype=torch.float64))
-
-
-@pytest.mark.parametrize(
-    ("alpha", "err", "match"),
-    [
-        (math.nan, ValueError, r"wise: alpha must be a finite real number, got nan"),
-        (math.inf, ValueError, r"wise: alpha must be a finite real number, got inf"),
-        ("0.5", TypeError, r"wise: alpha must be a real number, a 0-d floating tensor or a dict"),
-        (True, TypeError, r"wise: alpha must be a real number"),
-        (torch.ones(2), TypeError, r"wise: alpha must be a real number or a 0-d floating tensor"),
-        ({"w": 0.5}, ValueError, r"wise: alpha given per tensor must have the same keys"),
-        ({"w": 0.5, "b": "x"}, TypeError, r"wise: alpha\['b'\] must be a real number"),
-    ],
-)
-def test_wise_bad_alpha(alpha: Any, err: type, match: str) -> None:
-    tree = {"w": torch.zeros(2), "b": torch.zeros(1)}
-    with pytest.raises(err, match=match):
-        wise(tree, tree, alpha=alpha)
-
-
-def test_wise_mismatched_trees() -> None:
-    with pytest.raises(ValueError, match=r"wise: params must have the same keys as anchor"):
-        wise({"w": torch.zeros(2)}, {"v": torch.zeros(2)}, alpha=0.5)
-    with pytest.raises(TypeError, match=r"wise: anchor and params must have the same dtype"):
-        wise({"w": torch.zeros(2)}, {"w": torch.zeros(2, dtype=torch.float64)}, alpha=0.5)
-    with pytest.raises(TypeError, match=r"wise: anchor and params must hold floating-point"):
-        wise(
-            {"w": torch.zeros(2, dtype=torch.int64)},
-            {"w": torch.zeros(2, dtype=torch.int64)},
-            alpha=0.5,
-        )
-
-
 # ---------------------------------------------------------------- balls: values
 
 
 def test_l2_ball_hand_values() -> None:
     anchor = {"w": torch.tensor([1.0, 1.0]), "b": torch.tensor([0.0])}
     params = {"w": torch.tensor([4.0, 5.0]), "b": torch.tensor([0.5])}  # deltas (3, 4) and 0.5
-    out = l2_ball(params, anchor, radius=1.0)
+    out = l2_ball(params, anchor=anchor, radius=1.0)
     torch.testing.assert_close(out["w"], torch.tensor([1.6, 1.8]))
     assert torch.equal(out["b"], params["b"])  # inside: returned exactly
-    out = l2_ball(params, anchor, radius={"w": 10.0, "b": 0.25})
+    out = l2_ball(params, anchor=anchor, radius={"w": 10.0, "b": 0.25})
     assert torch.equal(out["w"], params["w"])
     assert torch.equal(out["b"], torch.tensor([0.25]))
-    out = l2_ball(params, anchor, radius=0.0)
+    out = l2_ball(params, anchor=anchor, radius=0.0)
     assert all(torch.equal(out[k], anchor[k]) for k in anchor)
 
 
@@ -134,7 +61,7 @@ def test_mars_ball_hand_values() -> None:
         "v": torch.tensor([1.0, -2.0, 1.0]),  # one row, L1 norm 4
         "s": torch.tensor(4.0),  # a 0-d tensor is one row of one element
     }
-    out = mars_ball(params, anchor, radius=2.0)
+    out = mars_ball(params, anchor=anchor, radius=2.0)
     assert torch.equal(out["w"], torch.tensor([[1.5, -0.5], [0.5, 0.0]]))
     assert torch.equal(out["v"], torch.tensor([0.5, -1.0, 0.5]))
     assert torch.equal(out["s"], torch.tensor(3.0))
@@ -149,7 +76,7 @@ def test_balls_match_reference_and_geometry(
     fn, ref_fn = BALLS[name]
     anchor, params = pair
     radius = frac * 3.0  # the strategy's entries are ~N(0, 3^2): both sides of the sphere occur
-    out = fn(params, anchor, radius=radius)
+    out = fn(params, anchor=anchor, radius=radius)
     assert_close_tree(out, ref_fn(params, anchor, radius))
     for k, v in out.items():
         assert v.dtype == params[k].dtype and v.shape == params[k].shape
@@ -172,8 +99,8 @@ def test_balls_are_idempotent(
 ) -> None:
     fn, _ = BALLS[name]
     anchor, params = pair
-    once = fn(params, anchor, radius=radius)
-    twice = fn(once, anchor, radius=radius)
+    once = fn(params, anchor=anchor, radius=radius)
+    twice = fn(once, anchor=anchor, radius=radius)
     assert_close_tree(twice, once)
 
 
@@ -186,9 +113,11 @@ def test_fused_norm_pass_matches_reference_on_large_tensors(name: str) -> None:
     params = {k: v + torch.randn(v.shape, generator=g) for k, v in anchor.items()}
     fn, ref_fn = BALLS[name]
     radius = {"wide": 50.0, "tall": 30.0, "flat": 100.0}
-    fast = fn(params, anchor, radius=radius)
+    fast = fn(params, anchor=anchor, radius=radius)
     with torch.enable_grad():  # the autograd path computes the norms without chunking
-        slow = fn({k: v.clone().requires_grad_() for k, v in params.items()}, anchor, radius=radius)
+        slow = fn(
+            {k: v.clone().requires_grad_() for k, v in params.items()}, anchor=anchor, radius=radius
+        )
     for k in anchor:
         ref = ref_fn({k: params[k]}, {k: anchor[k]}, radius[k])[k]
         torch.testing.assert_close(fast[k].double(), ref, rtol=1e-5, atol=1e-5)
@@ -199,7 +128,7 @@ def test_l2_ball_bf16_lands_on_the_sphere() -> None:
     g = torch.Generator().manual_seed(0)
     anchor = {"w": torch.randn(64, 32, generator=g).bfloat16()}
     params = {"w": (anchor["w"].float() + torch.randn(64, 32, generator=g)).bfloat16()}
-    out = l2_ball(params, anchor, radius=5.0)
+    out = l2_ball(params, anchor=anchor, radius=5.0)
     assert out["w"].dtype == torch.bfloat16
     assert fro(out["w"].float() - anchor["w"].float()) == pytest.approx(5.0, rel=1e-2)
 
@@ -209,8 +138,7 @@ def test_balls_never_mutate_inputs() -> None:
     params = {"w": anchor["w"] + 5.0}
     saved = (anchor["w"].clone(), params["w"].clone())
     for fn in (l2_ball, mars_ball):
-        fn(params, anchor, radius=1.0)
-    wise(anchor, params, alpha=0.3)
+        fn(params, anchor=anchor, radius=1.0)
     assert torch.equal(anchor["w"], saved[0]) and torch.equal(params["w"], saved[1])
 
 
@@ -226,7 +154,7 @@ def test_balls_gradcheck_in_params_and_radius(name: str) -> None:
     radius = torch.tensor(1.3, dtype=torch.float64)  # norms ~3.5 (l2) and ~3 (rows): outside
 
     def f(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        return fn({"w": p}, {"w": anchor}, radius=r)["w"]
+        return fn({"w": p}, anchor={"w": anchor}, radius=r)["w"]
 
     p = (anchor + delta).requires_grad_()
     assert torch.autograd.gradcheck(f, (p, radius.clone().requires_grad_()))
@@ -242,7 +170,7 @@ def test_balls_finite_gradient_at_zero_deviation(name: str, r: float) -> None:
     anchor = torch.randn(3, 2, dtype=torch.float64)
     p = anchor.clone().requires_grad_()
     radius = torch.tensor(r, dtype=torch.float64, requires_grad=True)
-    out = fn({"w": p}, {"w": anchor}, radius=radius)["w"]
+    out = fn({"w": p}, anchor={"w": anchor}, radius=radius)["w"]
     (out * torch.arange(6.0, dtype=torch.float64).reshape(3, 2)).sum().backward()
     assert p.grad is not None and radius.grad is not None
     assert torch.isfinite(p.grad).all() and torch.isfinite(radius.grad).all()
@@ -253,7 +181,7 @@ def test_l2_ball_radius_gradient_hand_value() -> None:
     # outside the ball out = a + (r / |d|) d, so d/dr sum(out) = sum(d) / |d| = 7 / 5
     anchor = {"w": torch.zeros(2, dtype=torch.float64)}
     params = {"w": torch.tensor([3.0, 4.0], dtype=torch.float64)}
-    grad = torch.func.grad(lambda r: l2_ball(params, anchor, radius=r)["w"].sum())(
+    grad = torch.func.grad(lambda r: l2_ball(params, anchor=anchor, radius=r)["w"].sum())(
         torch.tensor(2.0, dtype=torch.float64)
     )
     assert float(grad) == pytest.approx(7.0 / 5.0)
@@ -265,7 +193,7 @@ def test_projections_compile_fullgraph() -> None:
     params = {k: v + torch.randn(v.shape, generator=g) for k, v in anchor.items()}
 
     def f(p: dict[str, torch.Tensor], a: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        return [wise(a, p, alpha=0.3), l2_ball(p, a, radius=0.5), mars_ball(p, a, radius=0.5)]
+        return [l2_ball(p, anchor=a, radius=0.5), mars_ball(p, anchor=a, radius=0.5)]
 
     eager = f(params, anchor)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(params, anchor)
@@ -273,47 +201,339 @@ def test_projections_compile_fullgraph() -> None:
         assert_close_tree(c, e)
 
 
-# ---------------------------------------------------------------- balls: bad input
+# ---------------------------------------------------------------- keyword-only anchor
+
+
+@pytest.mark.parametrize("fn", [l2_ball, mars_ball, l2_ball_, mars_ball_])
+def test_anchor_is_keyword_only(fn: Any) -> None:
+    a, p = {"w": torch.zeros(2)}, {"w": torch.tensor([3.0, 4.0])}
+    with pytest.raises(TypeError, match=r"positional argument"):
+        fn(a, p, radius=1.0)  # the swapped call would have projected the anchor onto params
+    with pytest.raises(TypeError, match=r"positional argument"):
+        tpgm(p, lambda q: q["w"].sum(), a)  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- extreme radii
 
 
 @pytest.mark.parametrize("name", list(BALLS))
 @pytest.mark.parametrize(
-    ("radius", "err", "match"),
+    "radius",
     [
-        (-1.0, ValueError, r"{fn}: radius must be in \[0.0, inf\), got -1.0"),
-        (math.inf, ValueError, r"{fn}: radius must be a finite number >= 0, got inf"),
-        (math.nan, ValueError, r"{fn}: radius must not be NaN"),
-        ("1", TypeError, r"{fn}: radius must be a real number, got '1'"),
-        (torch.ones(2), TypeError, r"{fn}: radius must be a real number >= 0 or a 0-d floating"),
-        ({"w": 1.0}, ValueError, r"{fn}: radius given per tensor must have the same keys"),
-        ({"w": 1.0, "b": -0.5}, ValueError, r"{fn}: radius\['b'\] must be in \[0.0, inf\)"),
+        math.inf,
+        1e39,  # beyond float32: clamped, no inf / inf
+        np.float64(1e300),
+        torch.tensor(1e39, dtype=torch.float64),  # a float64 tensor stays finite
+        {"w": math.inf, "b": 1e39},
     ],
+    ids=["inf", "1e39", "numpy-1e300", "tensor64-1e39", "dict"],
 )
-def test_balls_bad_radius(name: str, radius: Any, err: type, match: str) -> None:
-    fn, _ = BALLS[name]
-    tree = {"w": torch.zeros(2), "b": torch.zeros(1)}
-    with pytest.raises(err, match=match.format(fn=name)):
-        fn(tree, tree, radius=radius)
+def test_huge_and_infinite_radii_are_the_identity(name: str, radius: Any) -> None:
+    fn, ip = BALLS[name][0], IN_PLACE[name]
+    g = torch.Generator().manual_seed(3)
+    anchor = {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
+    params = {k: v + 1e15 * torch.randn(v.shape, generator=g) for k, v in anchor.items()}
+    out = fn(params, anchor=anchor, radius=radius)
+    assert all(torch.equal(out[k], params[k]) for k in params)
+    inplace = {k: v.clone() for k, v in params.items()}
+    ip(inplace, anchor=anchor, radius=radius)
+    assert all(torch.equal(inplace[k], params[k]) for k in params)
 
 
 @pytest.mark.parametrize("name", list(BALLS))
-def test_balls_mismatched_trees(name: str) -> None:
-    fn, _ = BALLS[name]
-    with pytest.raises(
-        ValueError,
-        match=rf"{name}: params must have the same keys as anchor; missing keys \['w'\], "
-        r"unexpected keys \['v'\]",
-    ):
-        fn({"v": torch.zeros(2)}, {"w": torch.zeros(2)}, radius=1.0)
-    with pytest.raises(ValueError, match=rf"{name}: anchor and params must have the same shape"):
-        fn({"w": torch.zeros(3)}, {"w": torch.zeros(2)}, radius=1.0)
-    with pytest.raises(TypeError, match=rf"{name}: anchor and params must hold floating-point"):
-        fn(
-            {"w": torch.zeros(2, dtype=torch.int32)},
-            {"w": torch.zeros(2, dtype=torch.int32)},
-            radius=1.0,
+def test_numpy_radius_equals_float(name: str) -> None:
+    fn = BALLS[name][0]
+    anchor, params = {"w": torch.zeros(2, 2)}, {"w": torch.tensor([[3.0, 4.0], [1.0, 0.0]])}
+    for r in (np.float32(1.5), np.int64(1), np.float64(0.0)):
+        got = fn(params, anchor=anchor, radius=r)
+        assert torch.equal(got["w"], fn(params, anchor=anchor, radius=float(r))["w"])
+
+
+# ---------------------------------------------------------------- mars: the official uncapped scale
+
+
+@given(pair=tree_pairs(n=2), radius=st.floats(0.1, 10.0))
+def test_mars_uncapped_matches_the_official_code(
+    pair: list[dict[str, torch.Tensor]], radius: float
+) -> None:
+    anchor, params = pair
+    out = mars_ball(params, anchor=anchor, radius=radius, cap=False)
+    assert_close_tree(out, mars_ball_ref(params, anchor, radius, cap=False))
+    inplace = {k: v.clone() for k, v in params.items()}
+    mars_ball_(inplace, anchor=anchor, radius=radius, cap=False)
+    assert_close_tree(inplace, out)
+
+
+def test_mars_uncapped_scales_rows_inside_the_ball_up() -> None:
+    anchor = {"w": torch.zeros(2, 2, dtype=torch.float64)}
+    params = {"w": torch.tensor([[3.0, -1.0], [0.5, 0.0]], dtype=torch.float64)}  # L1: 4, 0.5
+    capped = mars_ball(params, anchor=anchor, radius=1.0)["w"]
+    official = mars_ball(params, anchor=anchor, radius=1.0, cap=False)["w"]
+    assert torch.equal(capped[1], params["w"][1])  # inside: left alone
+    torch.testing.assert_close(official[1], torch.tensor([1.0, 0.0], dtype=torch.float64))  # up
+    torch.testing.assert_close(official[0], capped[0])
+
+
+# ---------------------------------------------------------------- in place
+
+
+@pytest.mark.parametrize("name", list(BALLS))
+@given(pair=tree_pairs(n=2), frac=st.floats(0.0, 3.0))
+def test_in_place_equals_pure(name: str, pair: list[dict[str, torch.Tensor]], frac: float) -> None:
+    fn, ip = BALLS[name][0], IN_PLACE[name]
+    anchor, params = pair
+    radius = frac * 3.0
+    pure = fn(params, anchor=anchor, radius=radius)
+    saved = {k: v.clone() for k, v in anchor.items()}
+    target = {k: v.clone() for k, v in params.items()}
+    ptrs = {k: v.data_ptr() for k, v in target.items()}
+    assert ip(target, anchor=anchor, radius=radius) is target
+    assert {k: v.data_ptr() for k, v in target.items()} == ptrs  # written in place
+    assert_close_tree(target, pure)
+    for k in params:  # inside the ball: untouched, bit for bit
+        if torch.equal(pure[k], params[k]):
+            assert torch.equal(target[k], params[k])
+    assert all(torch.equal(anchor[k], saved[k]) for k in anchor)
+
+
+@pytest.mark.parametrize("name", list(BALLS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_in_place_on_large_low_precision_parameters(name: str, dtype: torch.dtype) -> None:
+    # > 2**18 elements: the chunked norm pass and (bf16/fp16) the chunked float32 rescale, with
+    # rows narrower and wider than a chunk; nn.Parameters requiring grad (a model's own leaves)
+    fn, ip = BALLS[name][0], IN_PLACE[name]
+    g = torch.Generator().manual_seed(0)
+    shapes = {"wide": (3, 2**18 + 5), "tall": (2**12 + 1, 70), "flat": (2**18 + 7,), "s": ()}
+    anchor = {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
+    params = {
+        k: torch.nn.Parameter((v.float() + torch.randn(v.shape, generator=g)).to(dtype))
+        for k, v in anchor.items()
+    }
+    radius = {"wide": 50.0, "tall": torch.tensor(30.0), "flat": 100.0, "s": 0.25}
+    pure = fn(params, anchor=anchor, radius=radius)
+    ip(params, anchor=anchor, radius=radius)
+    for k in params:
+        assert params[k].dtype == dtype and params[k].grad_fn is None and params[k].requires_grad
+        # the chunked norm pass sums in another order: the scale may differ in its last bit
+        torch.testing.assert_close(params[k].detach(), pure[k].detach())
+
+
+def test_in_place_tensor_and_dict_radius_and_zero() -> None:
+    anchor = {"w": torch.zeros(2), "b": torch.ones(3)}
+    params = {"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([1.0, 1.0, 2.0])}
+    l2_ball_(params, anchor=anchor, radius={"w": torch.tensor(1.0), "b": 0.0})
+    torch.testing.assert_close(params["w"], torch.tensor([0.6, 0.8]))
+    assert torch.equal(params["b"], anchor["b"])
+
+
+@pytest.mark.parametrize("name", list(BALLS))
+def test_in_place_adds_at_most_one_tensor_of_peak_memory(name: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    shapes = {f"t{i}": (512, 1024) for i in range(4)}  # 2 MiB each, 8 MiB in all
+    anchor = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    params = {k: v + torch.randn(v.shape, generator=g) for k, v in anchor.items()}
+    one_tensor = 512 * 1024 * 4
+    ip, fn = IN_PLACE[name], BALLS[name][0]
+    peak = peak_alloc_bytes(lambda: ip(params, anchor=anchor, radius=1.0))
+    assert peak <= one_tensor + 64 * 1024, (peak, one_tensor)
+    pure_peak = peak_alloc_bytes(lambda: fn(params, anchor=anchor, radius=1.0))
+    assert pure_peak >= 4 * one_tensor  # the pure form allocates its output tree
+    # bf16: float32 chunks, never a float32 copy of a whole tensor
+    anchor16 = {k: v.bfloat16() for k, v in anchor.items()}
+    params16 = {k: (v + 5).bfloat16() for k, v in params.items()}
+    peak = peak_alloc_bytes(lambda: ip(params16, anchor=anchor16, radius=1.0))
+    assert peak <= one_tensor // 2 + 64 * 1024, peak
+
+
+# ---------------------------------------------------------------- the error table
+
+T = {"w": torch.zeros(2), "b": torch.zeros(1)}
+INT = {"w": torch.zeros(2, dtype=torch.int32), "b": torch.zeros(1, dtype=torch.int32)}
+
+
+def _loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+    return p["w"].sum()
+
+
+P1 = {"w": torch.ones(2)}
+A1 = {"w": torch.zeros(2)}
+
+_BALL_FNS: dict[str, Callable[..., Any]] = {
+    "l2_ball": l2_ball,
+    "mars_ball": mars_ball,
+    "l2_ball_": l2_ball_,
+    "mars_ball_": mars_ball_,
+}
+
+
+def _ball_rows(fn: str) -> list[tuple[str, Callable[[], Any], type, str]]:
+    f = _BALL_FNS[fn]
+
+    def call(params: Any = None, anchor: Any = None, **kw: Any) -> Callable[[], Any]:
+        kw.setdefault("radius", 1.0)
+        return lambda: f(
+            {k: v.clone() for k, v in T.items()} if params is None else params,
+            anchor=T if anchor is None else anchor,
+            **kw,
         )
 
+    rows = [
+        (call(radius=-1.0), ValueError, r"radius must be in \[0.0, inf\), got -1.0"),
+        (call(radius=np.float32(-1)), ValueError, r"radius must be in \[0.0, inf\)"),
+        (call(radius=math.nan), ValueError, r"radius must not be NaN"),
+        (call(radius="1"), TypeError, r"radius must be a real number, a 0-d floating tensor or"),
+        (call(radius=True), TypeError, r"radius must be a real number"),
+        (call(radius=torch.ones(2)), TypeError, r"radius must be a real number or a 0-d floating"),
+        (call(radius={"w": 1.0}), ValueError, r"radius given per tensor must have the same keys"),
+        (call(radius={"w": 1.0, "b": -0.5}), ValueError, r"radius\['b'\] must be in \[0.0, inf\)"),
+        (call(params=[1]), TypeError, r"params must be a mapping"),
+        (call(anchor={"w": 1.0, "b": 2.0}), TypeError, r"anchor must have torch.Tensor leaves"),
+        (
+            call(params={"v": torch.zeros(2)}, anchor={"w": torch.zeros(2)}),
+            ValueError,
+            r"params must have the same keys as anchor; missing keys \['w'\], unexpected keys "
+            r"\['v'\]",
+        ),
+        (
+            call(params={"w": torch.zeros(3)}, anchor={"w": torch.zeros(2)}),
+            ValueError,
+            r"anchor and params must have the same shape",
+        ),
+        (
+            call(params={"w": torch.zeros(2, dtype=torch.float64)}, anchor={"w": torch.zeros(2)}),
+            TypeError,
+            r"anchor and params must have the same dtype",
+        ),
+        (call(params=INT, anchor=INT), TypeError, r"params must hold floating-point tensors"),
+    ]
+    if fn.startswith("mars"):
+        rows += [
+            (call(cap=1), TypeError, r"cap must be a bool, got 1"),
+            (
+                call(cap=False, radius=math.inf),
+                ValueError,
+                r"radius must be a finite number in \[0.0, inf\), got inf",
+            ),
+        ]
+    return [(fn, c, e, rf"{fn}: " + m) for c, e, m in rows]
 
-def test_public_names() -> None:
-    assert sorted(projections.__all__) == ["l2_ball", "mars_ball", "tpgm", "wise"]
+
+ERRORS: list[tuple[str, Callable[[], Any], type, str]] = [
+    *[row for fn in _BALL_FNS for row in _ball_rows(fn)],
+    (
+        "tpgm",
+        lambda: tpgm(P1, _loss, anchor=A1, norm="l1"),
+        ValueError,
+        r"tpgm: norm must be one of 'l2', 'mars', got 'l1'",
+    ),
+    (
+        "tpgm",
+        lambda: tpgm(P1, _loss, anchor=A1, norm=2),
+        TypeError,
+        r"tpgm: norm must be one of 'l2', 'mars', got 2",
+    ),
+    (
+        "tpgm",
+        lambda: tpgm(P1, _loss, anchor=A1, steps=-1),
+        ValueError,
+        r"tpgm: steps must be an int >= 0, got -1",
+    ),
+    (
+        "tpgm",
+        lambda: tpgm(P1, _loss, anchor=A1, steps=2.5),
+        TypeError,
+        r"tpgm: steps must be an int, got 2.5",
+    ),
+    (
+        "tpgm",
+        lambda: tpgm(P1, _loss, anchor=A1, lr=0.0),
+        ValueError,
+        r"tpgm: lr must be in \(0.0, inf\), got 0.0",
+    ),
+    (
+        "tpgm",
+        lambda: tpgm(P1, _loss, anchor=A1, lr=math.inf),
+        ValueError,
+        r"tpgm: lr must be a finite number in \(0.0, inf\), got inf",
+    ),
+    (
+        "tpgm",
+        lambda: tpgm(P1, _loss, anchor=A1, lr="1e-2"),
+        TypeError,
+        r"tpgm: lr must be a real number, got '1e-2'",
+    ),
+    (
+        "tpgm",
+        lambda: tpgm(P1, _loss, anchor=A1, regularization=-0.1),
+        ValueError,
+        r"tpgm: regularization must be in \[0.0, inf\)",
+    ),
+    (
+        "tpgm",
+        lambda: tpgm(P1, _loss, anchor=A1, regularization=math.nan),
+        ValueError,
+        r"tpgm: regularization must not be NaN",
+    ),
+    (
+        "tpgm",
+        lambda: tpgm({"v": torch.ones(2)}, lambda q: q["v"].sum(), anchor=A1),
+        ValueError,
+        r"tpgm: params must have the same keys as anchor",
+    ),
+    (
+        "tpgm",
+        lambda: tpgm(INT, _loss, anchor=INT),
+        TypeError,
+        r"tpgm: params must hold floating-point tensors",
+    ),
+    (
+        "tpgm",
+        lambda: tpgm(P1, 3, anchor=A1),  # type: ignore[arg-type]
+        TypeError,
+        r"tpgm: loss_fn must be callable, got 3",
+    ),
+    (
+        "tpgm",
+        lambda: tpgm(P1, lambda q: 1.0, anchor=A1),  # type: ignore[arg-type,return-value]
+        TypeError,
+        r"tpgm: loss_fn must return a 0-d floating tensor, got 1.0",
+    ),
+    (
+        "tpgm",
+        lambda: tpgm(P1, lambda q: q["w"], anchor=A1),
+        TypeError,
+        r"tpgm: loss_fn must return a 0-d floating tensor, got Tensor",
+    ),
+    (
+        "tpgm",
+        lambda: tpgm(P1, lambda q: q["w"].detach().sum(), anchor=A1),
+        ValueError,
+        r"tpgm: loss_fn must return a loss differentiable",
+    ),
+    (
+        "tpgm",
+        lambda: tpgm({"w": torch.tensor([1.0, math.nan])}, _loss, anchor=A1),
+        ValueError,
+        r"tpgm: params - anchor must be finite, got NaN or inf deviations at keys \['w'\]",
+    ),
+    (
+        "tpgm",
+        lambda: tpgm(P1, lambda q: q["w"].sum() * math.nan, anchor=A1, steps=3),
+        ValueError,
+        r"tpgm: loss_fn must return a finite loss .* NaN or inf on all 3 steps",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("fn", "call", "err", "match"), ERRORS, ids=[f"{e[0]}-{i}" for i, e in enumerate(ERRORS)]
+)
+def test_errors(fn: str, call: Callable[[], Any], err: type, match: str) -> None:
+    with pytest.raises(err, match=match):
+        call()
+
+
+def test_error_table_covers_every_public_function() -> None:
+    public = {n for n in projections.__all__ if callable(getattr(projections, n))}
+    assert public == {"l2_ball", "l2_ball_", "mars_ball", "mars_ball_", "tpgm"}
+    assert public <= {e[0] for e in ERRORS}, public - {e[0] for e in ERRORS}

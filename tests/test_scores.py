@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -302,7 +303,7 @@ def test_temperature_errors(fn: Callable[..., Tensor]) -> None:
     name = fn.__name__
     z = torch.randn(2, 3)
     for bad in (0.0, -1.0):
-        with pytest.raises(ValueError, match=rf"{name}: temperature must be in \(0.0, inf\)"):
+        with pytest.raises(ValueError, match=rf"{name}: temperature must be in \(0(\.0)?, inf\)"):
             fn(z, temperature=bad)
     with pytest.raises(ValueError, match=rf"{name}: temperature must not be NaN"):
         fn(z, temperature=float("nan"))
@@ -336,3 +337,184 @@ def test_mcm_errors() -> None:
 
 def test_public_names() -> None:
     assert sorted(scores.__all__) == ["energy", "entropy_score", "max_logit", "mcm", "msp"]
+
+
+# ----------------------------------------------------------------- batteries over __all__
+
+_Z = torch.randn(4, 5, dtype=torch.float64)
+_IMAGE, _TEXT = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+
+# name -> score of one differentiated input x (the logits, or the image features for mcm)
+SCORE_OF: dict[str, tuple[Callable[[Tensor], Tensor], Tensor]] = {
+    "msp": (lambda x: msp(x, temperature=0.7), _Z),
+    "max_logit": (max_logit, _Z),
+    "energy": (lambda x: energy(x, temperature=2.0), _Z),
+    "entropy_score": (entropy_score, _Z),
+    "mcm": (lambda x: mcm(x, _TEXT, temperature=0.5), _IMAGE),
+}
+
+
+def test_transform_battery_covers_every_score() -> None:
+    assert set(SCORE_OF) == set(scores.__all__)
+
+
+@pytest.mark.parametrize("name", sorted(SCORE_OF))
+def test_every_score_under_grad_vmap_and_compile(name: str) -> None:
+    fn, x = SCORE_OF[name]
+    # torch.func.grad of one sample's score equals autograd; vmap over the batch equals the call
+    per_sample_grad = torch.func.vmap(torch.func.grad(fn))(x)
+    xr = x.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(fn(xr).sum(), xr)
+    torch.testing.assert_close(per_sample_grad, want)
+    torch.testing.assert_close(torch.func.vmap(fn)(x), fn(x))
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x.float()), fn(x.float()))
+
+
+@pytest.mark.parametrize("name", sorted(SCORE_OF))
+def test_every_score_is_float32_under_bf16_autocast(name: str) -> None:
+    fn, x = SCORE_OF[name]
+    x = x.float()
+    outside = fn(x) if name != "mcm" else mcm(x, _TEXT.float(), temperature=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = fn(x) if name != "mcm" else mcm(x, _TEXT.float(), temperature=0.5)
+    assert inside.dtype == torch.float32, name
+    torch.testing.assert_close(inside, outside)  # no bf16 matmul inside
+
+
+def test_numpy_temperatures_and_inf_rejected() -> None:
+    z = torch.randn(3, 4)
+    image, text = torch.randn(3, 5), torch.randn(4, 5)
+    for t in (np.float32(2.0), np.float64(2.0), np.int64(2)):
+        torch.testing.assert_close(msp(z, temperature=t), msp(z, temperature=2.0))
+        torch.testing.assert_close(energy(z, temperature=t), energy(z, temperature=2.0))
+        torch.testing.assert_close(mcm(image, text, temperature=t), mcm(image, text, temperature=2))
+
+
+_z, _image, _text = torch.randn(2, 3), torch.randn(2, 4), torch.randn(3, 4)
+
+ERRORS: list[tuple[str, Callable[[], object], type[Exception], str]] = []
+for _fn in (msp, max_logit, energy, entropy_score):
+    _n = _fn.__name__
+    ERRORS += [
+        (
+            _n,
+            lambda f=_fn: f(torch.ones(2, 3, dtype=torch.long)),
+            TypeError,
+            "logits must be a floating-point",
+        ),
+        (_n, lambda f=_fn: f([[1.0, 2.0]]), TypeError, "logits must be a torch.Tensor"),
+        (
+            _n,
+            lambda f=_fn: f(torch.tensor(1.0)),
+            ValueError,
+            r"logits must have shape \[..., classes\]",
+        ),
+        (
+            _n,
+            lambda f=_fn: f(torch.ones(3, 0)),
+            ValueError,
+            r"logits must have shape \[..., classes\] with classes >= 1",
+        ),
+    ]
+for _fn in (msp, energy, mcm):
+    _n = _fn.__name__
+    _call: Callable[..., Tensor] = (
+        (lambda f=_fn, **kw: f(_image, _text, **kw))
+        if _fn is mcm
+        else (lambda f=_fn, **kw: f(_z, **kw))
+    )
+    ERRORS += [
+        (
+            _n,
+            lambda c=_call: c(temperature=0.0),
+            ValueError,
+            r"temperature must be in \(0(\.0)?, inf\)",
+        ),
+        (
+            _n,
+            lambda c=_call: c(temperature=-1),
+            ValueError,
+            r"temperature must be in \(0(\.0)?, inf\)",
+        ),
+        (
+            _n,
+            lambda c=_call: c(temperature=float("inf")),
+            ValueError,
+            "temperature must be a finite number",
+        ),
+        (
+            _n,
+            lambda c=_call: c(temperature=np.float64("inf")),
+            ValueError,
+            "temperature must be a finite number",
+        ),
+        (
+            _n,
+            lambda c=_call: c(temperature=float("nan")),
+            ValueError,
+            "temperature must not be NaN",
+        ),
+        (_n, lambda c=_call: c(temperature="1"), TypeError, "temperature must be a real number"),
+        (_n, lambda c=_call: c(temperature=True), TypeError, "temperature must be a real number"),
+        (
+            _n,
+            lambda c=_call: c(temperature=torch.ones(2)),
+            TypeError,
+            "temperature must be a real number or a 0-d floating tensor",
+        ),
+        (
+            _n,
+            lambda c=_call: c(temperature=torch.tensor(1)),
+            TypeError,
+            "temperature must be a real number or a 0-d floating tensor",
+        ),
+    ]
+ERRORS += [
+    (
+        "mcm",
+        lambda: mcm(_image.long(), _text),
+        TypeError,
+        "image_features must be a floating-point",
+    ),
+    ("mcm", lambda: mcm(_image, _text.long()), TypeError, "text_features must be a floating-point"),
+    ("mcm", lambda: mcm(_image, _text[0]), ValueError, "text_features must have 2 dimension"),
+    (
+        "mcm",
+        lambda: mcm(_image, torch.randn(3, 5)),
+        ValueError,
+        r"image_features.shape\[-1\] must equal text_features.shape\[1\]",
+    ),
+    (
+        "mcm",
+        lambda: mcm(_image, _text[:0]),
+        ValueError,
+        "text_features must have at least one class",
+    ),
+    (
+        "mcm",
+        lambda: mcm(torch.tensor(1.0), _text),
+        ValueError,
+        r"image_features must have shape \[..., dim\] with dim >= 1",
+    ),
+    (
+        "mcm",
+        lambda: mcm(_image[:, :0], _text[:, :0]),
+        ValueError,
+        r"image_features must have shape \[..., dim\] with dim >= 1",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "call", "exc", "match"), ERRORS, ids=[f"{e[0]}-{i}" for i, e in enumerate(ERRORS)]
+)
+def test_error_battery(
+    name: str, call: Callable[[], object], exc: type[Exception], match: str
+) -> None:
+    with pytest.raises(exc, match=rf"^{name}: {match}"):
+        call()
+
+
+def test_error_battery_covers_every_score() -> None:
+    assert {e[0] for e in ERRORS} == set(scores.__all__)

@@ -1,8 +1,9 @@
 """Averages and projections on FSDP2-sharded parameter trees (DTensors), two gloo ranks on CPU.
 
 One spawn: a small MLP is sharded with ``fully_shard``; its ``named_parameters()`` (DTensors,
-unevenly split along dim 0) go through bma / ema / uniform / wise / l2_ball / mars_ball and every
-result, gathered with ``full_tensor()``, must match the same calls on the unsharded tensors. The
+unevenly split along dim 0) go through bma / ema / uniform / wise / l2_ball / mars_ball and the
+in-place l2_ball_ / mars_ball_, and every result, gathered with ``full_tensor()``, must match the
+same calls on the unsharded tensors. The
 module is never copied; ``torch.optim.swa_utils.AveragedModel`` needs a deepcopy of it and fails.
 """
 
@@ -33,7 +34,8 @@ def _body(rank: int, world_size: int) -> dict[str, Any]:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from robustft import averaging
-    from robustft.projections import l2_ball, mars_ball, wise
+    from robustft.merging import wise
+    from robustft.projections import l2_ball, l2_ball_, mars_ball, mars_ball_
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 3))  # 7 and 3 rows: uneven
@@ -69,16 +71,33 @@ def _body(rank: int, world_size: int) -> dict[str, Any]:
         _close(states_s[n].average, states_f[n].average, n)
     _close(sharded, full, "the params themselves")  # never written by the averages
 
-    _close(wise(anchor_s, sharded, alpha=0.3), wise(anchor_f, full, alpha=0.3), "wise")
-    # radii below every norm: the result depends on the *global* norm of each tensor / row
-    _close(l2_ball(sharded, anchor_s, radius=0.2), l2_ball(full, anchor_f, radius=0.2), "l2_ball")
-    radius = {k: 0.1 for k in full}
     _close(
-        mars_ball(sharded, anchor_s, radius=radius),
-        mars_ball(full, anchor_f, radius=radius),
-        "mars",
+        wise(sharded, anchor=anchor_s, alpha=0.3), wise(full, anchor=anchor_f, alpha=0.3), "wise"
     )
-    projected = l2_ball(sharded, anchor_s, radius=0.2)
+    _close(
+        wise(sharded, anchor=anchor_s, alpha=torch.tensor(0.3)),
+        wise(full, anchor=anchor_f, alpha=0.3),
+        "wise, 0-d tensor alpha",
+    )
+    # radii below every norm: the result depends on the *global* norm of each tensor / row
+    pure_l2 = l2_ball(full, anchor=anchor_f, radius=0.2)
+    _close(l2_ball(sharded, anchor=anchor_s, radius=0.2), pure_l2, "l2_ball")
+    radius = {k: 0.1 for k in full}
+    pure_mars = mars_ball(full, anchor=anchor_f, radius=radius)
+    _close(mars_ball(sharded, anchor=anchor_s, radius=radius), pure_mars, "mars")
+    projected = l2_ball(sharded, anchor=anchor_s, radius=0.2)
+    # the in-place forms write the projection into the (sharded) parameters themselves
+    for name, fn_, r, expected in [
+        ("l2_ball_", l2_ball_, 0.2, pure_l2),
+        ("mars_ball_", mars_ball_, radius, pure_mars),
+    ]:
+        target = {k: v.detach().clone() for k, v in sharded.items()}
+        assert fn_(target, anchor=anchor_s, radius=r) is target
+        assert all(isinstance(v, DTensor) for v in target.values()), name
+        _close(target, expected, name)
+    live = dict(model.named_parameters())  # the module's own DTensor parameters, in place
+    l2_ball_(live, anchor=anchor_s, radius=0.2)
+    _close(dict(model.named_parameters()), pure_l2, "l2_ball_ on the module's parameters")
     norms = [float((projected[k] - anchor_s[k]).full_tensor().norm()) for k in full]
 
     try:

@@ -2,11 +2,14 @@
 
 Running averages of the trajectory -- CLIPood's Beta moving average (:func:`bma`), the EMA
 (:func:`ema`) and the uniform mean (:func:`uniform`, SWA) -- are ``(init, update, update_)``
-factories in optax's style: the state is a NamedTuple of Python counters and one accumulator tree,
-``update`` is pure and ``update_`` folds the new parameters into the state's own buffers in place
-(one ``torch._foreach_lerp_`` per device/dtype group, no parameter-sized temporary). All three
-share one stateless kernel, a lerp with a time-varying weight. Model soups (:func:`uniform_soup`,
-:func:`greedy_soup`) average fine-tuned candidates, streaming them.
+factories in optax's style: the state is a NamedTuple of 0-d CPU counters, one accumulator tree,
+the settings of the averager that made it and a ``live`` cell (a state refuses an averager with
+other settings, and the object an ``update_`` consumed is refused as stale); ``update`` is pure
+and ``update_`` folds the new parameters into the state's own buffers in place (one
+``torch._foreach_lerp_`` per device/dtype group, no parameter-sized temporary, validation once
+per tree structure, one compilation per run under ``torch.compile``). All three
+share one stateless kernel, a lerp with a time-varying weight. Post-hoc combinations of finished
+runs (WiSE-FT, model soups) live in :mod:`robustft.merging`.
 
 Parameters are trees, ``dict(model.named_parameters())``; averages work on sharded (FSDP2
 ``DTensor``) trees as on plain ones, without copying the module.
@@ -22,7 +25,6 @@ from robustft.averaging._averagers import (
     ema,
     uniform,
 )
-from robustft.averaging._soups import greedy_soup, uniform_soup
 from robustft.averaging._weights import beta_weights
 
 __all__ = [
@@ -34,7 +36,5 @@ __all__ = [
     "beta_weights",
     "bma",
     "ema",
-    "greedy_soup",
     "uniform",
-    "uniform_soup",
 ]

@@ -2,22 +2,39 @@ r"""Running weight averages as ``(init, update, update_)`` factories: BMA, EMA, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from robustft._checks import check_number, describe
+from robustft._checks import check_device, check_dtype, check_number
 from robustft.averaging._kernel import (
-    check_accumulator_dtype,
+    PlanCache,
     check_params,
     fold,
-    fold_,
+    fold_traced,
+    fold_traced_,
     make_average,
-    resolve_device,
 )
-from robustft.averaging._weights import _beta_weight, _check_beta_args
+from robustft.averaging._states import (
+    AverageState,
+    BmaState,
+    EmaState,
+    UniformState,
+    check_state,
+    counter,
+    live_cell,
+)
+from robustft.averaging._weights import (
+    _check_beta_args,
+    fold_weight,
+    fold_weight_tensor,
+    log_add,
+    log_beta_weight,
+    log_beta_weight_tensor,
+)
+from robustft.typing import Device, Params
 
 __all__ = [
     "AverageState",
@@ -30,51 +47,7 @@ __all__ = [
     "uniform",
 ]
 
-
-class BmaState(NamedTuple):
-    """State of :func:`bma`: the Beta-weighted mean of the iterates folded in so far.
-
-    Attributes:
-        step: optimiser steps folded in (0 right after ``init``), a Python ``int``.
-        weight_sum: :math:`S_{step} = \\sum_{t \\le step} \\alpha_t`, a Python ``float``.
-        average: the average, a tree in the accumulator dtype.
-    """
-
-    step: int
-    weight_sum: float
-    average: dict[str, Tensor]
-
-
-class EmaState(NamedTuple):
-    """State of :func:`ema`.
-
-    Attributes:
-        step: updates applied since ``init``, a Python ``int``.
-        average: the exponential moving average, a tree in the accumulator dtype.
-    """
-
-    step: int
-    average: dict[str, Tensor]
-
-
-class UniformState(NamedTuple):
-    """State of :func:`uniform`.
-
-    Attributes:
-        step: updates applied since ``init``; the mean is over ``step + 1`` trees.
-        average: the running mean, a tree in the accumulator dtype.
-    """
-
-    step: int
-    average: dict[str, Tensor]
-
-
-AverageState = BmaState | EmaState | UniformState
-"""Any state returned by an :class:`Averager`."""
-
-# ``torch.load`` defaults to ``weights_only=True``: allow the states so a checkpoint reloads as is.
-if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
-    torch.serialization.add_safe_globals([BmaState, EmaState, UniformState])
+_compiling = torch.compiler.is_compiling
 
 
 class Averager(NamedTuple):
@@ -84,35 +57,67 @@ class Averager(NamedTuple):
     ``state = averager.update(state, params)`` (pure) returns a new state with fresh tensors and
     leaves the old one intact; ``state = averager.update_(state, params)`` (in place, the fast path)
     writes into the accumulator tensors of ``state`` itself with ``torch._foreach_lerp_`` -- no
-    parameter-sized temporary -- and returns the state with its counters advanced (the old state
-    object shares the advanced tensors: do not reuse it). Both read ``params`` only, never write
-    them, and give bit-identical results. Call ``update``/``update_`` after each optimiser step.
+    parameter-sized temporary -- and returns a new state object owning them. Both read ``params``
+    only, never write them, and give bit-identical results, also when ``params`` alias the
+    state's own accumulators (such parameters are copied first). Call ``update``/``update_`` after
+    each optimiser step.
 
-    The state is a NamedTuple of Python numbers and one tree, so ``torch.save(state, f)`` and
-    ``torch.load(f)`` resume a run bit-identically (the state classes are registered with
-    ``torch.serialization.add_safe_globals`` for the default ``weights_only=True`` loading).
+    **What a state knows.** Each state records the ``settings`` of the averager that made it
+    (kind, ``total_steps``, ``beta``, ``decay``, ``accumulator_dtype``, ``device``: what the factory
+    took). Updating it with an averager of another kind raises ``TypeError``, with one of the same
+    kind but other settings (a resumed run with another ``total_steps``) ``ValueError``; both name
+    the two settings.
+
+    **Stale states.** ``update_`` advances the accumulators in place, so the state object passed
+    to it no longer matches its tensors: it is marked stale (its ``live`` cell is set to
+    ``False``) and any later ``update``/``update_`` of it raises ``ValueError``. Keep using the
+    state ``update_`` returns; use ``update`` to keep the old one. (Checked in eager mode; code
+    compiled with ``torch.compile`` skips the check, which would need the cell's value.)
+
+    **Resuming.** A state is a NamedTuple of 0-d CPU tensors, one tree and a dict of Python
+    numbers, strings and a ``torch.dtype``: ``torch.save(state, f)`` and ``torch.load(f)`` (default
+    ``weights_only=True``; ``import robustft`` registers the state classes) resume a run
+    bit-identically.
+
+    **Cost.** The in-place update validates ``params`` once per structure: a later call with the
+    very same tensor objects under the same keys only compares identities before the kernel (a
+    tensor whose ``.data`` was replaced by one of another shape is not re-checked). Eager weights
+    are Python floats computed on the host from the CPU counters: no device synchronisation. Under
+    ``torch.compile(fullgraph=True)`` the counters and the weight stay tensors, so the steps of a
+    run compile once (an ``update`` past ``bma``'s ``total_steps`` then folds in nothing instead
+    of raising).
 
     Attributes:
         init: ``(params) -> state``.
         update: ``(state, params) -> state``, pure.
         update_: ``(state, params) -> state``, updates ``state.average`` in place.
+
+    >>> avg = ema(0.5)
+    >>> state = avg.init({"w": torch.tensor([0.0])})
+    >>> new = avg.update_(state, {"w": torch.tensor([2.0])})
+    >>> new.average, bool(state.live), bool(new.live)  # the old object is stale now
+    ({'w': tensor([1.])}, False, True)
     """
 
-    init: Callable[[Mapping[str, Tensor]], Any]
-    update: Callable[[Any, Mapping[str, Tensor]], Any]
-    update_: Callable[[Any, Mapping[str, Tensor]], Any]
+    init: Callable[[Params], AverageState]
+    update: Callable[[AverageState, Params], AverageState]
+    update_: Callable[[AverageState, Params], AverageState]
 
 
-def _check_state(fn: str, state: object, cls: type) -> None:
-    if not isinstance(state, cls):
-        raise TypeError(
-            f"{fn}: state must be the {cls.__name__} returned by init or a previous update, "
-            f"got {describe(state)}"
-        )
+def _settings(
+    fn: str, accumulator_dtype: object, device: object, **kw: object
+) -> tuple[dict[str, object], torch.dtype, torch.device | None]:
+    dtype = check_dtype(fn, "accumulator_dtype", accumulator_dtype)
+    dev = check_device(fn, "device", device)
+    settings: dict[str, object] = {"kind": fn, **kw}
+    settings.update(accumulator_dtype=dtype, device=None if dev is None else str(dev))
+    return settings, dtype, dev
 
 
-def _common(fn: str, accumulator_dtype: object, device: object) -> tuple[Any, Any]:
-    return check_accumulator_dtype(fn, accumulator_dtype), resolve_device(fn, device)
+def _done(state: AverageState) -> Tensor:
+    """Mark ``state`` consumed by ``update_``; return the new owner's live cell."""
+    state.live.fill_(False)
+    return live_cell()
 
 
 def bma(
@@ -120,7 +125,7 @@ def bma(
     *,
     beta: float = 0.5,
     accumulator_dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
+    device: Device = None,
 ) -> Averager:
     r"""CLIPood's Beta moving average (BMA) of the fine-tuning trajectory.
 
@@ -133,17 +138,25 @@ def bma(
     parameters, weight :math:`S_0 = \alpha_0`), and the update after optimiser step :math:`t`
     does :math:`S_t = S_{t-1} + \alpha_t`,
     :math:`\bar\theta \leftarrow \bar\theta + (\alpha_t / S_t)(\theta_t - \bar\theta)`.
-    The weights (:func:`beta_weights`) and counters are Python numbers: no device sync.
+    The weights (:func:`beta_weights`) are handled through their logarithms
+    (:math:`\log S_t = \mathrm{logaddexp}(\log S_{t-1}, \log\alpha_t)`), so a :math:`\beta` in the
+    hundreds, whose first weights are below float64's range, still gives the exact weighted mean.
+    Eager updates compute them on the host from the state's CPU counters: no device sync.
 
     Accumulators are kept in ``promote_types(param dtype, accumulator_dtype)`` -- float32 for
     bf16/fp16 parameters (the official code averages in fp16 and drifts). Only floating-point
     tensors are accepted: integer/bool buffers raise ``TypeError`` (average parameters; copy
     buffers yourself).
 
+    The state (:class:`BmaState`) records ``total_steps``, ``beta``, ``accumulator_dtype`` and
+    ``device``: a state updated by a ``bma`` with other settings raises, as does a stale state
+    (the object an ``update_`` consumed); see :class:`Averager`.
+
     Args:
         total_steps: :math:`T`, the number of ``update`` calls the run will make (optimiser
-            steps, not epochs), at least 1.
-        beta: :math:`\beta > 0` (0.5 for domain shift, 0.1 for open-class in CLIPood).
+            steps, not epochs), at least 1; a Python or NumPy integer.
+        beta: :math:`\beta > 0`, finite (0.5 for domain shift, 0.1 for open-class in CLIPood);
+            a Python or NumPy number.
         accumulator_dtype: the minimum floating dtype of the average.
         device: where the average lives (e.g. ``"cpu"`` while training on GPU); ``None`` keeps
             each tensor's device.
@@ -153,16 +166,17 @@ def bma(
         tree with the keys and shapes of ``init``'s (any floating dtype, any device).
 
     Raises:
-        TypeError: bad argument types; at ``init``/``update`` a non-tree, a non-floating tensor or
-            a state of another averager.
-        ValueError: ``total_steps < 1``, ``beta <= 0``, a bad device, mismatched keys or shapes
-            at ``update``, or an ``update`` past ``total_steps``.
+        TypeError: bad argument types; at ``init``/``update`` a non-tree, a non-floating tensor,
+            a state of another averager or a malformed state.
+        ValueError: ``total_steps < 1``, ``beta`` not finite and ``> 0``, a bad device,
+            mismatched keys or shapes at ``update``, a state made with other settings, a stale
+            state, or an ``update`` past ``total_steps``.
 
     >>> avg = bma(2, beta=1.0)  # beta = 1: equal weights, a plain mean
     >>> state = avg.init({"w": torch.tensor([0.0])})
     >>> state = avg.update_(state, {"w": torch.tensor([3.0])})
     >>> state = avg.update_(state, {"w": torch.tensor([6.0])})
-    >>> state.step, state.weight_sum, state.average
+    >>> int(state.step), round(float(state.weight_sum), 12), state.average
     (2, 3.0, {'w': tensor([3.])})
 
     References:
@@ -170,41 +184,78 @@ def bma(
         Code: https://github.com/thuml/CLIPood
     """
     T, b = _check_beta_args("bma", total_steps, beta)
-    dtype, dev = _common("bma", accumulator_dtype, device)
+    settings, dtype, dev = _settings("bma", accumulator_dtype, device, total_steps=T, beta=b)
+    log_alpha0 = log_beta_weight(0, T, b)
+    plans = PlanCache()
 
-    def init(params: Mapping[str, Tensor]) -> BmaState:
-        check_params("bma.init", params)
-        return BmaState(0, _beta_weight(0, T, b), make_average(params, dtype, dev))
+    def init(params: Params) -> BmaState:
+        params = check_params("bma.init", params)
+        return BmaState(
+            counter(0, torch.int64),
+            counter(log_alpha0, torch.float64),
+            make_average(params, dtype, dev),
+            dict(settings),
+            live_cell(),
+        )
 
     def advance(fn: str, state: BmaState) -> tuple[float, int, float]:
-        _check_state(fn, state, BmaState)
-        t = state.step + 1
+        """Eager: the lerp weight and the new counters, in host arithmetic."""
+        check_state(fn, state, BmaState, settings)
+        t = int(state.step) + 1
         if t > T:
             raise ValueError(
                 f"{fn}: cannot fold in a step past total_steps={T}, got state.step="
-                f"{state.step}; create bma(total_steps=...) with the run's number of optimiser steps"
+                f"{t - 1}; create bma(total_steps=...) with the run's number of optimiser steps"
             )
-        alpha = _beta_weight(t, T, b)  # host arithmetic on Python numbers: no device sync
-        weight_sum = state.weight_sum + alpha
-        return alpha / weight_sum, t, weight_sum
+        log_alpha = log_beta_weight(t, T, b)
+        log_sum = log_add(float(state.log_weight_sum), log_alpha)
+        return fold_weight(log_alpha, log_sum), t, log_sum
 
-    def update(state: BmaState, params: Mapping[str, Tensor]) -> BmaState:
-        w, t, s = advance("bma.update", state)
-        return BmaState(t, s, fold(state.average, params, w, fn="bma.update"))
+    def advance_traced(fn: str, state: BmaState) -> tuple[Tensor, Tensor, Tensor]:
+        """Compiled: the same quantities as 0-d tensors (no Python number changes per step)."""
+        check_state(fn, state, BmaState, settings)
+        t = state.step + 1
+        log_alpha = log_beta_weight_tensor(t, T, b)
+        log_sum = torch.logaddexp(state.log_weight_sum, log_alpha)
+        inside = t <= T  # past total_steps: weight 0 and the sum unchanged (cannot raise here)
+        w = torch.where(inside, fold_weight_tensor(log_alpha, log_sum), 0.0)
+        return w, t, torch.where(inside, log_sum, state.log_weight_sum)
 
-    def update_(state: BmaState, params: Mapping[str, Tensor]) -> BmaState:
-        w, t, s = advance("bma.update_", state)
-        fold_(state.average, params, w, fn="bma.update_")
-        return BmaState(t, s, state.average)
+    def update(state: BmaState, params: Params) -> BmaState:
+        fn = "bma.update"
+        if _compiling():
+            wt, tt, st = advance_traced(fn, state)
+            return BmaState(
+                tt, st, fold_traced(state.average, params, wt, fn=fn), state.settings, live_cell()
+            )
+        w, t, s = advance(fn, state)
+        avg = fold(state.average, params, w, fn=fn)
+        return BmaState(
+            counter(t, torch.int64), counter(s, torch.float64), avg, state.settings, live_cell()
+        )
 
-    return Averager(init, update, update_)
+    def update_(state: BmaState, params: Params) -> BmaState:
+        fn = "bma.update_"
+        if _compiling():
+            wt, tt, st = advance_traced(fn, state)
+            fold_traced_(state.average, params, wt, fn=fn)
+            return BmaState(tt, st, state.average, state.settings, _done(state))
+        w, t, s = advance(fn, state)
+        live = live_cell()
+        plans.fold_(state.average, params, w, live, fn=fn)
+        state.live.fill_(False)
+        return BmaState(
+            counter(t, torch.int64), counter(s, torch.float64), state.average, state.settings, live
+        )
+
+    return Averager(init, update, update_)  # type: ignore[arg-type]
 
 
 def ema(
     decay: float,
     *,
     accumulator_dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
+    device: Device = None,
 ) -> Averager:
     r"""Exponential moving average of the iterates, started from ``init``'s parameters.
 
@@ -217,11 +268,12 @@ def ema(
 
     so the parameters given to ``init`` (typically the pre-trained model) keep weight :math:`d^T`.
     ``decay = 0`` returns the last iterate, ``decay = 1`` keeps the start. The same lerp kernel as
-    :func:`bma` with the constant weight :math:`1 - d`; accumulators, buffers and ``device`` as
-    there.
+    :func:`bma` with the constant weight :math:`1 - d`; accumulators, buffers, ``device``, the
+    recorded settings (``decay``, ``accumulator_dtype``, ``device``) and the stale-state rule as
+    there (:class:`Averager`).
 
     Args:
-        decay: :math:`d \in [0, 1]`.
+        decay: :math:`d \in [0, 1]`, a Python or NumPy number.
         accumulator_dtype: the minimum floating dtype of the average (float32: a bf16 EMA with
             :math:`d` close to 1 stalls, its increments rounding to zero).
         device: where the average lives; ``None`` keeps each tensor's device.
@@ -230,8 +282,10 @@ def ema(
         An :class:`Averager` whose states are :class:`EmaState`.
 
     Raises:
-        TypeError: bad argument types, non-trees, non-floating tensors, a foreign state.
-        ValueError: ``decay`` outside ``[0, 1]``, a bad device, mismatched keys or shapes.
+        TypeError: bad argument types, non-trees, non-floating tensors, a foreign or malformed
+            state.
+        ValueError: ``decay`` outside ``[0, 1]``, a bad device, mismatched keys or shapes, a state
+            made with other settings, a stale state.
 
     >>> avg = ema(0.5)
     >>> state = avg.init({"w": torch.tensor([0.0])})
@@ -245,29 +299,43 @@ def ema(
         ``torch.optim.swa_utils.get_ema_multi_avg_fn`` computes the same update.
     """
     d = check_number("ema", "decay", decay, low=0.0, high=1.0)
-    dtype, dev = _common("ema", accumulator_dtype, device)
+    settings, dtype, dev = _settings("ema", accumulator_dtype, device, decay=d)
     w = 1.0 - d
+    plans = PlanCache()
 
-    def init(params: Mapping[str, Tensor]) -> EmaState:
-        check_params("ema.init", params)
-        return EmaState(0, make_average(params, dtype, dev))
+    def init(params: Params) -> EmaState:
+        params = check_params("ema.init", params)
+        avg = make_average(params, dtype, dev)
+        return EmaState(counter(0, torch.int64), avg, dict(settings), live_cell())
 
-    def update(state: EmaState, params: Mapping[str, Tensor]) -> EmaState:
-        _check_state("ema.update", state, EmaState)
-        return EmaState(state.step + 1, fold(state.average, params, w, fn="ema.update"))
+    def update(state: EmaState, params: Params) -> EmaState:
+        fn = "ema.update"
+        check_state(fn, state, EmaState, settings)
+        if _compiling():
+            avg = fold_traced(state.average, params, w, fn=fn)
+            return EmaState(state.step + 1, avg, state.settings, live_cell())
+        avg = fold(state.average, params, w, fn=fn)
+        return EmaState(counter(int(state.step) + 1, torch.int64), avg, state.settings, live_cell())
 
-    def update_(state: EmaState, params: Mapping[str, Tensor]) -> EmaState:
-        _check_state("ema.update_", state, EmaState)
-        fold_(state.average, params, w, fn="ema.update_")
-        return EmaState(state.step + 1, state.average)
+    def update_(state: EmaState, params: Params) -> EmaState:
+        fn = "ema.update_"
+        check_state(fn, state, EmaState, settings)
+        if _compiling():
+            fold_traced_(state.average, params, w, fn=fn)
+            return EmaState(state.step + 1, state.average, state.settings, _done(state))
+        step = counter(int(state.step) + 1, torch.int64)
+        live = live_cell()
+        plans.fold_(state.average, params, w, live, fn=fn)
+        state.live.fill_(False)
+        return EmaState(step, state.average, state.settings, live)
 
-    return Averager(init, update, update_)
+    return Averager(init, update, update_)  # type: ignore[arg-type]
 
 
 def uniform(
     *,
     accumulator_dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
+    device: Device = None,
 ) -> Averager:
     r"""Uniform running mean of every tree seen (SWA), ``init``'s parameters included as the first.
 
@@ -277,7 +345,9 @@ def uniform(
         \bar\theta_t = \bar\theta_{t-1} + \tfrac{1}{t + 1}\,(\theta_t - \bar\theta_{t-1}),
 
     the same lerp kernel as :func:`bma` with the weight :math:`1/(t+1)`. To average only the
-    fine-tuned iterates (SWA's usual form), call ``init`` with the first iterate instead.
+    fine-tuned iterates (SWA's usual form), call ``init`` with the first iterate instead. The
+    recorded settings (``accumulator_dtype``, ``device``) and the stale-state rule are those of
+    :class:`Averager`.
 
     Args:
         accumulator_dtype: the minimum floating dtype of the average.
@@ -287,8 +357,10 @@ def uniform(
         An :class:`Averager` whose states are :class:`UniformState`.
 
     Raises:
-        TypeError: bad argument types, non-trees, non-floating tensors, a foreign state.
-        ValueError: a bad device, mismatched keys or shapes.
+        TypeError: bad argument types, non-trees, non-floating tensors, a foreign or malformed
+            state.
+        ValueError: a bad device, mismatched keys or shapes, a state made with other settings, a
+            stale state.
 
     >>> avg = uniform()
     >>> state = avg.init({"w": torch.tensor([1.0])})
@@ -301,20 +373,37 @@ def uniform(
         UAI 2018 (SWA; ``torch.optim.swa_utils``). The uniform baseline of CLIPood,
         https://github.com/thuml/CLIPood
     """
-    dtype, dev = _common("uniform", accumulator_dtype, device)
+    settings, dtype, dev = _settings("uniform", accumulator_dtype, device)
+    plans = PlanCache()
 
-    def init(params: Mapping[str, Tensor]) -> UniformState:
-        check_params("uniform.init", params)
-        return UniformState(0, make_average(params, dtype, dev))
+    def init(params: Params) -> UniformState:
+        params = check_params("uniform.init", params)
+        avg = make_average(params, dtype, dev)
+        return UniformState(counter(0, torch.int64), avg, dict(settings), live_cell())
 
-    def update(state: UniformState, params: Mapping[str, Tensor]) -> UniformState:
-        _check_state("uniform.update", state, UniformState)
-        w = 1.0 / (state.step + 2)
-        return UniformState(state.step + 1, fold(state.average, params, w, fn="uniform.update"))
+    def traced_weight(step: Tensor) -> Tensor:
+        return (step + 2).to(torch.float64).reciprocal()  # 1 / (t + 1), exact as on the host
 
-    def update_(state: UniformState, params: Mapping[str, Tensor]) -> UniformState:
-        _check_state("uniform.update_", state, UniformState)
-        fold_(state.average, params, 1.0 / (state.step + 2), fn="uniform.update_")
-        return UniformState(state.step + 1, state.average)
+    def update(state: UniformState, params: Params) -> UniformState:
+        fn = "uniform.update"
+        check_state(fn, state, UniformState, settings)
+        if _compiling():
+            avg = fold_traced(state.average, params, traced_weight(state.step), fn=fn)
+            return UniformState(state.step + 1, avg, state.settings, live_cell())
+        n = int(state.step)
+        avg = fold(state.average, params, 1.0 / (n + 2), fn=fn)
+        return UniformState(counter(n + 1, torch.int64), avg, state.settings, live_cell())
 
-    return Averager(init, update, update_)
+    def update_(state: UniformState, params: Params) -> UniformState:
+        fn = "uniform.update_"
+        check_state(fn, state, UniformState, settings)
+        if _compiling():
+            fold_traced_(state.average, params, traced_weight(state.step), fn=fn)
+            return UniformState(state.step + 1, state.average, state.settings, _done(state))
+        n = int(state.step)
+        live = live_cell()
+        plans.fold_(state.average, params, 1.0 / (n + 2), live, fn=fn)
+        state.live.fill_(False)
+        return UniformState(counter(n + 1, torch.int64), state.average, state.settings, live)
+
+    return Averager(init, update, update_)  # type: ignore[arg-type]

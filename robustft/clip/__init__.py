@@ -12,16 +12,17 @@ from robustft.clip._context import encode_text_with_context, init_context
 from robustft.clip._forward import frozen_copy_features, image_features, text_features
 from robustft.clip._heads import context_prototypes, zero_shot_head
 from robustft.clip._params import norm_affine_names, text_names, visual_names
-from robustft.clip._random_text import RandomTextBank, energy_gap_metric, random_text_tokens
+from robustft.clip._random_text import RandomTextBank, random_text_tokens
+from robustft.clip._scale import logit_scale
 
 __all__ = [
     "RandomTextBank",
     "context_prototypes",
     "encode_text_with_context",
-    "energy_gap_metric",
     "frozen_copy_features",
     "image_features",
     "init_context",
+    "logit_scale",
     "norm_affine_names",
     "random_text_tokens",
     "text_features",

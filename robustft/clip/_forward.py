@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustft._checks import check_floating, check_ndim, check_tensor
-from robustft.clip._common import call_method, check_model, check_params, eval_mode
+from robustft.clip._common import (
+    call_method,
+    check_model,
+    check_not_ddp_inner,
+    check_params,
+    eval_mode,
+    unwrap,
+)
+from robustft.typing import Params
 
 __all__ = ["frozen_copy_features", "image_features", "text_features"]
 
 
 def image_features(
     model: nn.Module,
-    params: Mapping[str, Tensor] | None,
+    params: Params | None,
     images: Tensor,
     *,
     normalize: bool = True,
@@ -37,9 +43,20 @@ def image_features(
     runs in its current train/eval mode; BatchNorm running statistics taken from the module are
     updated in place in training mode, exactly as a plain ``model.encode_image`` would.
 
+    The call builds no module per step (the tree is swapped into ``model`` itself, as
+    :func:`torch.func.functional_call` does) and validation reads only metadata, with the model's
+    name set cached per model, so a training step calling this compiles with
+    ``torch.compile(fullgraph=True)`` and does not recompile across steps of the same shapes.
+
+    Data parallelism: pass the ``DistributedDataParallel`` wrapper itself as ``model``; the method
+    then runs through DDP's forward, so the gradients of the module's own parameters are
+    synchronised as with ``ddp(x)``. A call on ``ddp.module`` that would train the module's own
+    parameters raises (it would silently skip DDP's gradient sync). Tensors you pass in
+    ``params`` are yours: all-reduce their gradients yourself. FSDP-managed modules are rejected.
+
     Args:
-        model: an open_clip model (``CLIP``, ``CustomTextCLIP``, ...) or any module with
-            ``encode_image``.
+        model: an open_clip model (``CLIP``, ``CustomTextCLIP``, ...), any module with
+            ``encode_image``, or a ``DistributedDataParallel`` wrapping one.
         params: a tree of (some of) the model's parameters and buffers, keyed like
             ``model.named_parameters()``; ``None`` uses the module's own tensors.
         images: ``[batch, channels, height, width]`` preprocessed images.
@@ -49,9 +66,11 @@ def image_features(
         ``[batch, dim]`` image features.
 
     Raises:
-        TypeError: if ``model`` has no ``encode_image``, ``params`` is not a tree of tensors or
-            ``images`` is not a floating-point tensor.
-        ValueError: if ``params`` names a tensor the model does not have.
+        TypeError: if ``model`` has no ``encode_image`` or is FSDP-managed, ``params`` is not a
+            tree of tensors or ``images`` is not a floating-point tensor.
+        ValueError: if ``params`` names a tensor the model does not have, or ``model`` is the
+            ``.module`` of a live ``DistributedDataParallel`` whose own parameters would be
+            trained.
 
     Example:
         >>> class Toy(torch.nn.Module):
@@ -71,16 +90,17 @@ def image_features(
         ICML 2021. Code: https://github.com/mlfoundations/open_clip
     """
     fn = "image_features"
-    check_model(fn, model, "encode_image")
+    check_model(fn, model, "encode_image", wrapper_ok=True)
     tree = check_params(fn, model, params)
     check_floating(fn, "images", images)
+    check_not_ddp_inner(fn, model, tree)
     features: Tensor = call_method(model, "encode_image", tree, images)
     return F.normalize(features, dim=-1) if normalize else features
 
 
 def text_features(
     model: nn.Module,
-    params: Mapping[str, Tensor] | None,
+    params: Params | None,
     tokens: Tensor,
     *,
     normalize: bool = True,
@@ -94,10 +114,11 @@ def text_features(
         g_n = G_\phi(t_n), \qquad \hat g_n = g_n / \lVert g_n \rVert_2 \ \text{(if normalize)}.
 
     ``params`` may be partial; missing parameters and buffers (e.g. CLIP's causal ``attn_mask``)
-    come from the module.
+    come from the module. Compilation and data parallelism as in :func:`image_features`.
 
     Args:
-        model: an open_clip model or any module with ``encode_text``.
+        model: an open_clip model, any module with ``encode_text``, or a
+            ``DistributedDataParallel`` wrapping one.
         params: a tree of (some of) the model's parameters and buffers; ``None`` uses the module's
             own tensors.
         tokens: ``[texts, context_length]`` token ids from the model's tokenizer.
@@ -107,9 +128,10 @@ def text_features(
         ``[texts, dim]`` text features.
 
     Raises:
-        TypeError: if ``model`` has no ``encode_text``, ``params`` is not a tree of tensors or
-            ``tokens`` is not an integer tensor.
-        ValueError: if ``tokens`` is not 2-d or ``params`` names a tensor the model does not have.
+        TypeError: if ``model`` has no ``encode_text`` or is FSDP-managed, ``params`` is not a
+            tree of tensors or ``tokens`` is not an integer tensor.
+        ValueError: if ``tokens`` is not 2-d, ``params`` names a tensor the model does not have
+            or ``model`` is the trained ``.module`` of a live ``DistributedDataParallel``.
 
     Example:
         >>> class Toy(torch.nn.Module):
@@ -127,12 +149,13 @@ def text_features(
         ICML 2021. Code: https://github.com/mlfoundations/open_clip
     """
     fn = "text_features"
-    check_model(fn, model, "encode_text")
+    check_model(fn, model, "encode_text", wrapper_ok=True)
     tree = check_params(fn, model, params)
     check_tensor(fn, "tokens", tokens)
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise TypeError(f"{fn}: tokens must be an integer tensor of token ids, got {tokens.dtype}")
     check_ndim(fn, "tokens", tokens, 2)
+    check_not_ddp_inner(fn, model, tree)
     features: Tensor = call_method(model, "encode_text", tree, tokens)
     return F.normalize(features, dim=-1) if normalize else features
 
@@ -141,7 +164,7 @@ def frozen_copy_features(
     model: nn.Module,
     images: Tensor,
     *,
-    params: Mapping[str, Tensor] | None = None,
+    params: Params | None = None,
     normalize: bool = True,
 ) -> Tensor:
     r"""Teacher features :math:`F_{\theta_0}(x)`: no gradient, eval mode, module left as it was.
@@ -155,14 +178,15 @@ def frozen_copy_features(
     off, BatchNorm on running statistics, none of them updated) and each submodule's own
     ``training`` flag is restored afterwards. Include the buffers in ``params`` to pin the
     pre-trained BatchNorm statistics of a ResNet tower; otherwise the module's current buffers are
-    used.
+    used. A ``DistributedDataParallel`` is unwrapped (no gradient, nothing to synchronise). Compiles
+    with ``fullgraph=True`` like :func:`image_features`.
 
     .. math::
 
         f^0_b = \operatorname{sg}\!\big(F_{\theta_0}(x_b)\big)
 
     Args:
-        model: an open_clip model or any module with ``encode_image``.
+        model: an open_clip model, any module with ``encode_image``, or a DDP wrapping one.
         images: ``[batch, channels, height, width]`` preprocessed images.
         params: the teacher's (possibly partial) tree of parameters and buffers; ``None`` uses the
             module's current tensors.
@@ -190,9 +214,10 @@ def frozen_copy_features(
         ICLR 2024. Code: https://github.com/cs-giung/lipsum-ft
     """
     fn = "frozen_copy_features"
-    check_model(fn, model, "encode_image")
+    check_model(fn, model, "encode_image", wrapper_ok=True)
     tree = check_params(fn, model, params)
     check_floating(fn, "images", images)
-    with torch.no_grad(), eval_mode(model):
-        features: Tensor = call_method(model, "encode_image", tree, images)
+    inner = unwrap(model)  # no gradient, so nothing for DDP to synchronise
+    with torch.no_grad(), eval_mode(inner):
+        features: Tensor = call_method(inner, "encode_image", tree, images)
         return F.normalize(features, dim=-1) if normalize else features

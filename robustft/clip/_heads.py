@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustft._numerics import compute_dtype
 from robustft.clip._common import (
     Template,
     Tokenizer,
@@ -19,8 +20,9 @@ from robustft.clip._common import (
     check_templates,
     eval_mode,
     model_device,
+    unwrap,
 )
-from robustft.tree import accumulation_dtype
+from robustft.typing import Params
 
 __all__ = ["context_prototypes", "zero_shot_head"]
 
@@ -34,14 +36,15 @@ def _grouped_text_means(
     *,
     by_class: bool,
     batch_size: int,
-    params: Mapping[str, Tensor] | None,
+    params: Params | None,
 ) -> Tensor:
     """Renormalised mean of the normalised embeddings of every (class, template) text, per group.
 
     Texts are streamed in class-major order, ``batch_size`` at a time, so only one batch of
     activations and a ``[groups, dim]`` accumulator are alive at once.
     """
-    check_model(fn, model, "encode_text")
+    check_model(fn, model, "encode_text", wrapper_ok=True)
+    model = unwrap(model)  # no gradient, so nothing for DDP to synchronise
     names = check_classnames(fn, classnames)
     fills: list[Callable[[str], str]] = check_templates(fn, templates)
     check_batch_size(fn, batch_size)
@@ -59,7 +62,7 @@ def _grouped_text_means(
             tokens = tokenizer(texts).to(device)
             feats = call_method(model, "encode_text", tree, tokens)
             if sums is None:
-                dtype = accumulation_dtype(feats.dtype)
+                dtype = compute_dtype(feats.dtype)
                 sums = feats.new_zeros(n_cls if by_class else n_tpl, feats.shape[-1], dtype=dtype)
             group = torch.tensor(
                 [i // n_tpl if by_class else i % n_tpl for i in idx], device=feats.device
@@ -76,7 +79,7 @@ def zero_shot_head(
     templates: Sequence[Template],
     *,
     batch_size: int = 256,
-    params: Mapping[str, Tensor] | None = None,
+    params: Params | None = None,
 ) -> Tensor:
     r"""Zero-shot classifier weights: the prompt-ensemble text embedding of every class.
 
@@ -102,7 +105,8 @@ def zero_shot_head(
             device of its first parameter.
         tokenizer: the model's tokenizer, ``tokenizer(list_of_str) -> [n, context_length]``.
         classnames: the :math:`C` class names, e.g. ``open_clip.IMAGENET_CLASSNAMES``.
-        templates: the :math:`M` templates: format strings with one ``{}`` or callables.
+        templates: the :math:`M` templates: format strings with exactly one ``{}`` (literal
+            braces as ``{{``/``}}``) or callables.
         batch_size: texts per text-tower forward.
         params: optional (partial) tree of parameters to encode with instead of the module's own.
 
@@ -112,8 +116,9 @@ def zero_shot_head(
     Raises:
         TypeError: on a model without ``encode_text``, a non-callable tokenizer, class names or
             templates of the wrong type.
-        ValueError: on empty class names or templates, a str template without ``{}``, a
-            non-positive ``batch_size`` or unknown ``params`` keys.
+        ValueError: on empty class names or templates, a str template without exactly one
+            ``{}`` (two fields, ``{0}``, ``{name}`` or unbalanced braces), a non-positive
+            ``batch_size`` or unknown ``params`` keys.
 
     Example:
         >>> class Toy(torch.nn.Module):  # "text feature" = (#characters, 1)
@@ -147,7 +152,7 @@ def context_prototypes(
     templates: Sequence[Template],
     *,
     batch_size: int = 256,
-    params: Mapping[str, Tensor] | None = None,
+    params: Params | None = None,
 ) -> Tensor:
     r"""CAR-FT context prototypes: one embedding per template, averaged over the classes.
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from robustft._checks import describe
-from robustft.tree import check_tree, select
+from robustft.tree import check_tree
+from robustft.typing import Params
 
 __all__ = ["norm_affine_names", "text_names", "visual_names"]
 
@@ -24,7 +25,7 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 _PAIR_SCALARS = ("logit_scale", "logit_bias")
 
 
-def _tree_of(fn: str, model: Any) -> Mapping[str, Tensor]:
+def _tree_of(fn: str, model: Any) -> Params:
     if isinstance(model, nn.Module):
         return dict(model.named_parameters())
     if isinstance(model, Mapping):
@@ -92,10 +93,10 @@ def norm_affine_names(module: nn.Module, *, under: str | None = None) -> list[st
         if isinstance(sub, NORM_TYPES):
             base = prefix + (name + "." if name else "")
             wanted.update(base + p for p, _ in sub.named_parameters(recurse=False))
-    return list(select(dict(module.named_parameters()), predicate=wanted.__contains__))
+    return [n for n, _ in module.named_parameters() if n in wanted]
 
 
-def visual_names(model: nn.Module | Mapping[str, Tensor]) -> list[str]:
+def visual_names(model: nn.Module | Params) -> list[str]:
     """Names of the visual tower's parameters: every name under ``visual.``.
 
     Args:
@@ -117,7 +118,7 @@ def visual_names(model: nn.Module | Mapping[str, Tensor]) -> list[str]:
     """
     fn = "visual_names"
     tree = _tree_of(fn, model)
-    names = list(select(tree, "visual.*"))
+    names = [k for k in tree if k.startswith("visual.")]
     if not names:
         raise ValueError(
             f"{fn}: model must have parameters under 'visual.' (an open_clip model), got none "
@@ -126,7 +127,7 @@ def visual_names(model: nn.Module | Mapping[str, Tensor]) -> list[str]:
     return names
 
 
-def text_names(model: nn.Module | Mapping[str, Tensor]) -> list[str]:
+def text_names(model: nn.Module | Params) -> list[str]:
     """Names of the text tower's parameters: everything but ``visual.*``, ``logit_scale`` and
     ``logit_bias``.
 
@@ -156,12 +157,7 @@ def text_names(model: nn.Module | Mapping[str, Tensor]) -> list[str]:
     """
     fn = "text_names"
     tree = _tree_of(fn, model)
-    names = list(
-        select(
-            tree,
-            predicate=lambda k: not k.startswith("visual.") and k not in _PAIR_SCALARS,
-        )
-    )
+    names = [k for k in tree if not k.startswith("visual.") and k not in _PAIR_SCALARS]
     if not names:
         raise ValueError(
             f"{fn}: model must have text-tower parameters (names outside 'visual.' other than "

@@ -1,15 +1,18 @@
-"""Lipsum-FT's random texts: token generation, a pre-encoded bank, and the energy-gap metric."""
+"""Lipsum-FT's random texts: token generation and a pre-encoded bank.
+
+The energy-gap diagnostic over a bank is :func:`robustft.metrics.energy_gap`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustft._checks import check_floating, check_int, describe
+from robustft._checks import check_device, check_dtype, check_int, describe
+from robustft._numerics import compute_dtype
 from robustft.clip._common import (
     STANDARD_CONTEXT_LENGTH,
     STANDARD_EOT,
@@ -23,26 +26,88 @@ from robustft.clip._common import (
     eval_mode,
     model_device,
     special_ids,
+    unwrap,
 )
-from robustft.losses import energy_gap
-from robustft.tree import accumulation_dtype
-from robustft.typing import Scalar
+from robustft.typing import Device, Params
 
-__all__ = ["RandomTextBank", "energy_gap_metric", "random_text_tokens"]
+__all__ = ["RandomTextBank", "random_text_tokens"]
 
 
 def _vocabulary(fn: str, tokenizer: Tokenizer | None) -> tuple[int, int, int]:
-    """``(vocab_size, sot, eot)`` of ``tokenizer``, or of open_clip's standard BPE vocabulary."""
+    """``(vocab_size, sot, eot)`` of ``tokenizer``, or of open_clip's standard BPE vocabulary.
+
+    Random bodies draw every id but SOT and EOT, so EOT is the largest id of every row (what
+    argmax pooling needs) only when it is the vocabulary's last id: other layouts are rejected.
+    """
     if tokenizer is None:
         return STANDARD_VOCAB_SIZE, STANDARD_SOT, STANDARD_EOT
     sot, eot = special_ids(fn, tokenizer)
     vocab = getattr(tokenizer, "vocab_size", None)
-    if not isinstance(vocab, int) or not (0 <= sot < vocab and 0 <= eot < vocab) or sot == eot:
+    if (
+        not isinstance(vocab, int)
+        or isinstance(vocab, bool)
+        or vocab < 3
+        or not 0 <= sot < vocab
+        or eot != vocab - 1
+        or sot == eot
+    ):
         raise ValueError(
-            f"{fn}: tokenizer must have an int vocab_size containing distinct sot_token_id and "
-            f"eot_token_id, got vocab_size={vocab!r}, sot_token_id={sot}, eot_token_id={eot}"
+            f"{fn}: tokenizer must have an int vocab_size >= 3 whose last id is eot_token_id "
+            f"and a distinct sot_token_id below it (open_clip's CLIP BPE layout: EOT = "
+            f"vocab_size - 1 stays the largest id of every random row, so argmax pooling finds "
+            f"it), got vocab_size={vocab!r}, sot_token_id={sot}, eot_token_id={eot}"
         )
     return vocab, sot, eot
+
+
+def _signed(x: int) -> int:
+    """A 64-bit unsigned constant as the int64 with the same bits."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+
+
+def _shr(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 bit patterns (torch's ``>>`` is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(z: Tensor) -> Tensor:
+    """SplitMix64's finaliser (Steele et al., OOPSLA 2014): a bijective avalanche of 64 bits."""
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def _hash_stream(key: Tensor, n: int) -> Tensor:
+    """``n`` uniform 53-bit integers (int64 >= 0) of the counter-based stream ``key``.
+
+    Element ``i`` is ``mix(mix(mix(key + γ) + i + 1))`` with SplitMix64's finaliser ``mix`` and
+    γ its golden-ratio increment, in wrapping int64 arithmetic: pure tensor ops, no generator, no
+    host sync, traceable by dynamo (a unit-step counter, which inductor vectorises safely).
+    """
+    base = _mix(key + _GOLDEN)
+    counters = torch.arange(1, n + 1, dtype=torch.int64, device=key.device)
+    return _shr(_mix(_mix(base + counters)), 11)
+
+
+def _check_key(fn: str, key: Any, device: torch.device) -> Tensor | None:
+    if key is None:
+        return None
+    if isinstance(key, Tensor):
+        if key.ndim != 0 or key.is_floating_point() or key.is_complex() or key.dtype == torch.bool:
+            raise TypeError(
+                f"{fn}: key must be an int or a 0-d integer tensor (e.g. the step counter), "
+                f"got {describe(key)}"
+            )
+        return key.to(device=device, dtype=torch.int64)
+    k = check_int(fn, "key", key)
+    if not -(1 << 63) <= k < 1 << 63:
+        raise ValueError(f"{fn}: key must fit in int64, got {k}")
+    return torch.tensor(k, dtype=torch.int64, device=device)
 
 
 def _check_generator(fn: str, generator: Any) -> torch.Generator | None:
@@ -60,7 +125,7 @@ def random_text_tokens(
     context_length: int | None = None,
     generator: torch.Generator | None = None,
     tokenizer: Tokenizer | None = None,
-    device: torch.device | str | None = None,
+    device: Device = None,
 ) -> Tensor:
     r"""Lipsum-FT's random texts: ``[SOT, r_1..r_L, EOT, 0, ...]`` with uniform random token ids.
 
@@ -73,7 +138,9 @@ def random_text_tokens(
 
     which for open_clip's standard BPE vocabulary (:math:`V = 49408`, SOT 49406, EOT 49407) is
     the range ``[0, 49406)`` of the official code (SPEC §4). The padding id 0 may occur in the body
-    as in the official code; EOT stays the largest id of every row, so argmax pooling finds it.
+    as in the official code. EOT is the largest id of every row, so argmax pooling finds it: the
+    function accepts only tokenizers whose EOT is the vocabulary's last id (open_clip's CLIP BPE
+    tokenizers), and rejects any other layout rather than break that promise.
 
     Args:
         num_texts: how many texts :math:`N`.
@@ -91,8 +158,10 @@ def random_text_tokens(
         ``[num_texts, context_length]`` int64 token ids.
 
     Raises:
-        TypeError: on non-int sizes, a tokenizer without special-token ids or a non-generator.
-        ValueError: if ``num_texts < 1``, ``length < 1`` or ``length + 2 > context_length``.
+        TypeError: on non-int sizes, a tokenizer without special-token ids, a non-generator or a
+            ``device`` that is not a str or ``torch.device``.
+        ValueError: if ``num_texts < 1``, ``length < 1``, ``length + 2 > context_length``, a
+            tokenizer whose EOT is not its last id, or a ``device`` string naming no device.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -120,6 +189,7 @@ def random_text_tokens(
             f"(room for SOT and EOT), got {length}"
         )
     _check_generator(fn, generator)
+    device = check_device(fn, "device", device)
     where = generator.device if generator is not None else device
     body = torch.randint(0, vocab - 2, (num_texts, length), generator=generator, device=where)
     if device is not None:
@@ -135,12 +205,20 @@ def random_text_tokens(
 
 
 class RandomTextBank(NamedTuple):
-    r"""A bank of pre-encoded random texts for Lipsum-FT's regulariser and energy-gap metric.
+    r"""A bank of pre-encoded random texts for Lipsum-FT's regulariser and energy-gap diagnostic.
 
     The text tower is frozen during Lipsum-FT, so the features of random texts never change:
     encode :math:`N` of them once (:meth:`from_model`) and draw the step's :math:`M` rows with
-    :meth:`sample` instead of running the text tower on :math:`M` fresh texts every step. Both
-    estimate the same expectation over random texts; the bank's cost per step is a row gather.
+    :meth:`sample` instead of running the text tower on :math:`M` fresh texts every step; the
+    bank's cost per step is a row gather.
+
+    **Not the same estimator as fresh texts.** Fresh texts every step give an unbiased estimate of
+    the regulariser's expectation over *all* random texts. Rows sampled from one fixed bank are
+    unbiased only for *that bank's* average, so training minimises the bank's objective; it equals
+    the paper's estimator only on average over banks. The gap shrinks with the bank size: use a
+    large bank (10,000+ texts) or refresh it periodically (:meth:`from_model` with a new
+    generator), and measure the energy-gap diagnostic (:func:`robustft.metrics.energy_gap`) on
+    held-out random texts, never on the training bank, whose gap training drives down directly.
 
     Attributes:
         features: ``[texts, dim]`` L2-normalised text features of the random texts.
@@ -165,18 +243,20 @@ class RandomTextBank(NamedTuple):
         generator: torch.Generator | None = None,
         batch_size: int = 256,
         dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        params: Mapping[str, Tensor] | None = None,
+        device: Device = None,
+        params: Params | None = None,
     ) -> RandomTextBank:
         """Draw ``num_texts`` random texts (:func:`random_text_tokens`) and encode them once.
 
         Encoding runs ``batch_size`` texts at a time under :func:`torch.no_grad` with the model in
         eval mode (each submodule's flag restored afterwards). The row width is the model's
-        ``context_length`` when it has one.
+        ``context_length`` when it has one. A ``DistributedDataParallel`` is unwrapped (no
+        gradient); draw every rank's bank from the same seed so that ranks agree.
 
         Args:
             model: the frozen open_clip model (or any module with ``encode_text``).
-            num_texts: bank size :math:`N` (10,000 for the paper's energy-gap diagnostic).
+            num_texts: bank size :math:`N` (10,000 for the paper's energy-gap diagnostic; large
+                banks keep the fixed-bank objective close to the paper's, see the class notes).
             length: body tokens per text (8 in Lipsum-FT).
             tokenizer: source of the vocabulary and special ids; ``None`` means open_clip's
                 standard BPE vocabulary.
@@ -190,24 +270,36 @@ class RandomTextBank(NamedTuple):
             The bank, features ``[num_texts, dim]`` and tokens ``[num_texts, context_length]``.
 
         Raises:
-            TypeError: on a model without ``encode_text`` or arguments of the wrong type.
-            ValueError: on non-positive sizes or a vocabulary larger than the model's.
+            TypeError: on a model without ``encode_text`` (or FSDP-managed), or arguments of the
+                wrong type (``dtype`` not a floating dtype, ``device`` not a str or device).
+            ValueError: on non-positive sizes, a vocabulary larger than the model's, a tokenizer
+                whose EOT is not its last id, or a ``device`` string naming no device.
+
+        Example:
+            >>> class Toy(torch.nn.Module):  # "text feature" = (first body token, 1)
+            ...     def encode_text(self, tokens):
+            ...         return torch.stack([tokens[:, 1].float(), torch.ones(len(tokens))], 1)
+            >>> bank = RandomTextBank.from_model(Toy(), 3, generator=torch.Generator().manual_seed(0))
+            >>> bank.features.shape, bank.tokens.shape
+            (torch.Size([3, 2]), torch.Size([3, 77]))
         """
         fn = "RandomTextBank.from_model"
-        check_model(fn, model, "encode_text")
+        check_model(fn, model, "encode_text", wrapper_ok=True)
         check_int(fn, "num_texts", num_texts, low=1)
         check_batch_size(fn, batch_size)
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"{fn}: dtype must be a floating torch.dtype or None, got {dtype!r}")
+        if dtype is not None:
+            check_dtype(fn, "dtype", dtype)
+        device = check_device(fn, "device", device)
         tree = check_params(fn, model, params)
+        inner = unwrap(model)
         vocab, _, _ = _vocabulary(fn, tokenizer)
-        model_vocab = getattr(model, "vocab_size", None)
+        model_vocab = getattr(inner, "vocab_size", None)
         if isinstance(model_vocab, int) and vocab > model_vocab:
             raise ValueError(
                 f"{fn}: the tokenizer's vocabulary ({vocab} ids) must fit the model's "
                 f"vocab_size, got model.vocab_size={model_vocab}; pass the model's tokenizer"
             )
-        ctx = getattr(model, "context_length", None)
+        ctx = getattr(inner, "context_length", None)
         tokens = random_text_tokens(
             num_texts,
             length=length,
@@ -215,13 +307,13 @@ class RandomTextBank(NamedTuple):
             generator=generator,
             tokenizer=tokenizer,
         )
-        run_device = model_device(model)
+        run_device = model_device(inner)
         chunks = []
-        with torch.no_grad(), eval_mode(model):
+        with torch.no_grad(), eval_mode(inner):
             for start in range(0, num_texts, batch_size):
                 batch = tokens[start : start + batch_size].to(run_device)
-                feats = call_method(model, "encode_text", tree, batch)
-                out = F.normalize(feats.to(accumulation_dtype(feats.dtype)), dim=-1)
+                feats = call_method(inner, "encode_text", tree, batch)
+                out = F.normalize(feats.to(compute_dtype(feats.dtype)), dim=-1)
                 chunks.append(out.to(device=device, dtype=dtype or feats.dtype))
         return cls(features=torch.cat(chunks), tokens=tokens)
 
@@ -235,110 +327,83 @@ class RandomTextBank(NamedTuple):
         num_samples: int,
         *,
         generator: torch.Generator | None = None,
-        replacement: bool = False,
+        key: int | Tensor | None = None,
+        replacement: bool = True,
     ) -> Tensor:
         r"""Draw the step's :math:`M` text features, uniformly over the bank's rows.
 
-        Without replacement (the default) the :math:`M` rows are distinct, a uniformly random
-        :math:`M`-subset, like :math:`M` fresh random texts (which collide with negligible
-        probability); every row has marginal probability :math:`M/N`. With ``replacement=True``
-        rows are drawn i.i.d. uniform (:math:`M > N` allowed). The indices are drawn on the
-        generator's device (the features' device without a generator) with no host sync.
+        With replacement (the default) the :math:`M` row indices are i.i.d. uniform on
+        :math:`\{0, \dots, N-1\}`, exactly as :math:`M` fresh random texts are i.i.d. draws of the
+        text distribution: :math:`O(M)` work per call, whatever the bank size, and
+        :math:`M > N` is allowed. ``replacement=False`` draws a uniformly random :math:`M`-subset
+        (distinct rows, each with marginal probability :math:`M/N`) at :math:`O(N)` cost per call
+        (a permutation or a top-:math:`M` of :math:`N` random keys).
+
+        The randomness comes from one of three sources:
+
+        - ``key`` (an int or a 0-d integer tensor, e.g. ``seed * 10**6 + step``): a counter-based
+          stream (SplitMix64 of the key and the draw index) computed with tensor ops on the
+          bank's device. The same key gives the same rows; a step counter held in a tensor
+          compiles once with ``torch.compile(fullgraph=True)`` and never recompiles. Use this
+          inside compiled steps.
+        - ``generator``: a :class:`torch.Generator` (on the bank's device) for reproducible eager
+          runs. Dynamo cannot trace generator arguments (torch 2.14), so a call with a generator
+          breaks a compiled graph: use ``key`` there.
+        - neither: torch's global generator (compiles; reproducible through ``torch.manual_seed``).
+
+        The indices are drawn on the bank's device with no host sync.
 
         Args:
             num_samples: :math:`M` (80 in Lipsum-FT).
-            generator: random generator for reproducible draws; the global one if ``None``.
-            replacement: draw with replacement.
+            generator: random generator for reproducible eager draws.
+            key: counter-based key for reproducible, compilable draws (not with ``generator``).
+            replacement: i.i.d. rows (default, :math:`O(M)`) or distinct rows (:math:`O(N)`).
 
         Returns:
-            ``[num_samples, dim]`` rows of :attr:`features` (no copy of the bank).
+            ``[num_samples, dim]`` rows of :attr:`features`.
 
         Raises:
-            ValueError: if ``num_samples < 1``, or ``num_samples > N`` without replacement.
-            TypeError: on a non-int ``num_samples`` or a non-generator.
+            ValueError: if ``num_samples < 1``, ``num_samples > N`` without replacement, or both
+                ``generator`` and ``key`` are given.
+            TypeError: on a non-int ``num_samples``, a non-generator, a ``key`` that is neither an
+                int nor a 0-d integer tensor, or a non-bool ``replacement``.
 
         Example:
             >>> bank = RandomTextBank(torch.eye(4), torch.zeros(4, 10, dtype=torch.long))
-            >>> rows = bank.sample(4, generator=torch.Generator().manual_seed(0))
+            >>> rows = bank.sample(4, key=0, replacement=False)
             >>> sorted(rows.argmax(1).tolist())  # all four rows, each once
             [0, 1, 2, 3]
+            >>> torch.equal(bank.sample(3, key=7), bank.sample(3, key=7))
+            True
         """
         fn = "RandomTextBank.sample"
         check_int(fn, "num_samples", num_samples, low=1)
         _check_generator(fn, generator)
+        if not isinstance(replacement, bool):
+            raise TypeError(f"{fn}: replacement must be a bool, got {describe(replacement)}")
+        device = self.features.device
+        seed = _check_key(fn, key, device)
+        if seed is not None and generator is not None:
+            raise ValueError(
+                f"{fn}: generator and key must not both be given (one source of randomness), "
+                f"got both"
+            )
         n = self.features.shape[0]
         if not replacement and num_samples > n:
             raise ValueError(
                 f"{fn}: num_samples must be at most the bank size {n} without replacement, "
                 f"got {num_samples}"
             )
-        where = generator.device if generator is not None else self.features.device
-        if replacement:
-            idx = torch.randint(0, n, (num_samples,), generator=generator, device=where)
+        if seed is not None:
+            if replacement:
+                idx = torch.remainder(_hash_stream(seed, num_samples), n)
+            else:
+                idx = torch.topk(_hash_stream(seed, n), num_samples, sorted=False).indices
         else:
-            idx = torch.randperm(n, generator=generator, device=where)[:num_samples]
-        return self.features.index_select(0, idx.to(self.features.device))
-
-
-def energy_gap_metric(
-    features: Tensor,
-    reference: Tensor,
-    bank: RandomTextBank | Tensor,
-    *,
-    logit_scale: Scalar = 100.0,
-    reduction: str = "mean",
-) -> Tensor:
-    r"""Lipsum-FT's energy gap (Eq. 6) over every text of a random-text bank.
-
-    The diagnostic version of :func:`robustft.losses.energy_gap`: the same per-image quantity,
-    averaged over all :math:`N` texts of the bank instead of the step's :math:`M`,
-
-    .. math::
-
-        \mathrm{EG}_b = \frac{1}{2N} \sum_{n=1}^{N}
-            \big(s\,\langle \hat f_b - \hat f^0_b, \hat t_n \rangle\big)^2 ,
-
-    where :math:`\hat f_b`, :math:`\hat f^0_b` are the normalised image features of the fine-tuned
-    and the pre-trained model on the same images (from :func:`image_features` and
-    :func:`frozen_copy_features`) and :math:`\hat t_n` the bank's text features. Pass
-    ``logit_scale=1.0`` for the scale-free form; the default :math:`s = 100` matches the training
-    regulariser's units. Evaluated under :func:`torch.no_grad` (a metric); to train, use
-    ``losses.energy_gap(f, f0, bank.sample(80))``. Lower is closer to the zero-shot model.
-
-    Args:
-        features: ``[batch, dim]`` image features of the fine-tuned model.
-        reference: ``[batch, dim]`` image features of the pre-trained model on the same images.
-        bank: a :class:`RandomTextBank` or its ``[texts, dim]`` text features.
-        logit_scale: :math:`s > 0`.
-        reduction: ``"mean"`` over the batch, ``"sum"`` or ``"none"`` (per image ``[batch]``).
-
-    Returns:
-        0-d tensor, or ``[batch]`` with ``reduction="none"``.
-
-    Raises:
-        TypeError: if ``bank`` is neither a bank nor a floating tensor, or as
-            :func:`robustft.losses.energy_gap`.
-        ValueError: as :func:`robustft.losses.energy_gap` (shapes, scale, reduction).
-
-    Example:
-        >>> bank = RandomTextBank(torch.eye(2), torch.zeros(2, 4, dtype=torch.long))
-        >>> f, f0 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
-        >>> energy_gap_metric(f, f0, bank, logit_scale=1.0)  # (1² + 1²) / (2·2)
-        tensor(0.5000)
-
-    References:
-        Nam et al., "Lipsum-FT: Robust Fine-Tuning of Zero-Shot Models Using Random Text Guidance",
-        ICLR 2024, Eq. 6. Code: https://github.com/cs-giung/lipsum-ft
-    """
-    fn = "energy_gap_metric"
-    if isinstance(bank, RandomTextBank):
-        texts = bank.features
-    elif isinstance(bank, Tensor):
-        texts = check_floating(fn, "bank", bank, ndim=2)
-    else:
-        raise TypeError(
-            f"{fn}: bank must be a RandomTextBank or a [texts, dim] floating tensor, "
-            f"got {describe(bank)}"
-        )
-    with torch.no_grad():
-        return energy_gap(features, reference, texts, logit_scale=logit_scale, reduction=reduction)
+            where = generator.device if generator is not None else device
+            if replacement:
+                idx = torch.randint(0, n, (num_samples,), generator=generator, device=where)
+            else:
+                idx = torch.randperm(n, generator=generator, device=where)[:num_samples]
+            idx = idx.to(device)
+        return self.features.index_select(0, idx)

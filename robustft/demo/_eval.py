@@ -4,7 +4,7 @@ Per classifier: accuracy on the clean known-class test set (ID), accuracy on eac
 it, ECE, and open-set detection of the unknown digits with the MSP score -- AUROC, FPR at 95 %
 TPR and HOS at the threshold that accepts 95 % of the known validation images -- all from
 :mod:`robustft.metrics` / :mod:`robustft.scores`. The last column is Lipsum-FT's energy gap to
-the zero-shot model (:func:`robustft.clip.energy_gap_metric`): how far the image features moved,
+the zero-shot model (:func:`robustft.metrics.energy_gap`): how far the image features moved,
 as seen through random texts.
 """
 
@@ -67,7 +67,9 @@ def evaluate(bench: Bench, theta: Tree) -> Result:
         for name, x in bench.shifted.items()
     }
     f0 = clip.frozen_copy_features(bench.model, normalize(data.test_x))
-    gap = clip.energy_gap_metric(f, f0, bench.bank, logit_scale=bench.scale)
+    gap = metrics.energy_gap(
+        f, reference_features=f0, text_features=bench.bank.features, logit_scale=bench.scale
+    )
     return Result(
         id_acc=float(r.accuracy),
         shift_acc=sum(per_shift.values()) / len(per_shift),

@@ -48,7 +48,7 @@ class Bench(NamedTuple):
         data: the splits (images in ``[0, 1]``).
         shifted: the shifted test sets, name -> ``[n, 3, 16, 16]`` images (labels: ``data.test_y``).
         theta0: the zero-shot classifier tree: the pre-trained visual tensors + the zero-shot head.
-        scale: the pre-trained logit scale :math:`s` (CLIP's ``logit_scale.exp()``).
+        scale: the pre-trained logit scale :math:`s` (:func:`robustft.clip.logit_scale`).
         bank: Lipsum-FT's pre-encoded random texts (also the energy-gap column's).
         budget: the training budget.
     """

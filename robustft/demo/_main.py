@@ -107,7 +107,7 @@ def setup(preset: Preset, *, seed: int = 0) -> Bench:
         model, preset.budget.bank_size, tokenizer=tokenizer, generator=g
     )
     shifted = {name: shift(data.test_x) for name, shift in SHIFTS.items()}
-    scale = float(model.logit_scale.exp())
+    scale = float(clip.logit_scale(model))
     return Bench(model, tokenizer, data, shifted, theta0, scale, bank, preset.budget)
 
 

@@ -63,7 +63,7 @@ def kd(bench: Bench) -> dict[str, Tree]:
 
     def regulariser(params: Tree, images: Tensor, f: Tensor, z: Tensor) -> Tensor:
         _, teacher = zero_shot_logits(bench, images)
-        return losses.distillation(z, teacher)
+        return losses.distillation(z, teacher_logits=teacher)
 
     return {"KD": finetune(bench, regulariser)[0]}
 
@@ -73,7 +73,7 @@ def l2sp(bench: Bench) -> dict[str, Tree]:
     anchor = visual(bench.theta0)
 
     def regulariser(params: Tree, images: Tensor, f: Tensor, z: Tensor) -> Tensor:
-        return L2SP_WEIGHT * losses.l2sp(visual(params), anchor)
+        return L2SP_WEIGHT * losses.l2sp(visual(params), anchor=anchor)
 
     return {"L2-SP": finetune(bench, regulariser)[0]}
 
@@ -83,7 +83,7 @@ def featkd(bench: Bench) -> dict[str, Tree]:
 
     def regulariser(params: Tree, images: Tensor, f: Tensor, z: Tensor) -> Tensor:
         f0, _ = zero_shot_logits(bench, images)
-        return losses.feature_distillation(f, f0)
+        return losses.feature_distillation(f, reference_features=f0)
 
     return {"FeatKD": finetune(bench, regulariser)[0]}
 
@@ -96,7 +96,9 @@ def carft(bench: Bench) -> dict[str, Tree]:
 
     def regulariser(params: Tree, images: Tensor, f: Tensor, z: Tensor) -> Tensor:
         f0, _ = zero_shot_logits(bench, images)
-        return losses.context_distillation(f, f0, contexts, logit_scale=bench.scale)
+        return losses.context_distillation(
+            f, reference_features=f0, context_features=contexts, logit_scale=bench.scale
+        )
 
     return {"CAR-FT": finetune(bench, regulariser)[0]}
 
@@ -107,8 +109,10 @@ def lipsum(bench: Bench) -> dict[str, Tree]:
 
     def regulariser(params: Tree, images: Tensor, f: Tensor, z: Tensor) -> Tensor:
         f0, _ = zero_shot_logits(bench, images)
-        texts = bench.bank.sample(LIPSUM_TEXTS, generator=g)
-        return losses.energy_gap(f, f0, texts, logit_scale=bench.scale)
+        texts = bench.bank.sample(LIPSUM_TEXTS, generator=g, replacement=False)
+        return losses.energy_gap(
+            f, reference_features=f0, text_features=texts, logit_scale=bench.scale
+        )
 
     return {"Lipsum-FT": finetune(bench, regulariser)[0]}
 

@@ -1,8 +1,8 @@
 """Post-hoc methods: tree arithmetic on fine-tuned classifiers (WiSE-FT, TPGM, model soups).
 
 None of them trains the network again: they combine the zero-shot tree ``bench.theta0`` and
-fine-tuned trees (FT's, plus extra FT runs for the soups) with :mod:`robustft.projections` and
-:mod:`robustft.averaging`, choosing what they must on the held-out known-class validation split.
+fine-tuned trees (FT's, plus extra FT runs for the soups) with :mod:`robustft.merging` and
+:mod:`robustft.projections`, choosing what they must on the held-out known-class validation split.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from robustft import averaging, metrics, projections
+from robustft import merging, metrics, projections
 from robustft.demo._finetune import Bench, Tree, logits
 from robustft.demo._methods import finetune
 
@@ -22,12 +22,12 @@ SOUP_LR_FACTORS = (0.5, 2.0, 1.0, 0.25, 4.0)  # the extra FT runs: learning rate
 
 def wise_ft(bench: Bench, ft_theta: Tree) -> dict[str, Tree]:
     """WiSE-FT at α = 0.5: the midpoint of the zero-shot and the FT trees, head included."""
-    return {"WiSE-FT (α = 0.5)": projections.wise(bench.theta0, ft_theta, alpha=0.5)}
+    return {"WiSE-FT (α = 0.5)": merging.wise(ft_theta, anchor=bench.theta0, alpha=0.5)}
 
 
 def wise_sweep(bench: Bench, ft_theta: Tree) -> dict[float, Tree]:
     """WiSE-FT over :data:`WISE_ALPHAS` (α = 0 is zero-shot, α = 1 is FT)."""
-    return {a: projections.wise(bench.theta0, ft_theta, alpha=a) for a in WISE_ALPHAS}
+    return {a: merging.wise(ft_theta, anchor=bench.theta0, alpha=a) for a in WISE_ALPHAS}
 
 
 def tpgm(bench: Bench, ft_theta: Tree) -> dict[str, Tree]:
@@ -38,7 +38,12 @@ def tpgm(bench: Bench, ft_theta: Tree) -> dict[str, Tree]:
         return F.cross_entropy(logits(bench, projected, val_x), val_y)
 
     projected, _ = projections.tpgm(
-        ft_theta, bench.theta0, val_loss, norm="l2", steps=bench.budget.tpgm_steps, lr=1e-2
+        ft_theta,
+        val_loss,
+        anchor=bench.theta0,
+        norm="l2",
+        steps=bench.budget.tpgm_steps,
+        lr=1e-2,
     )
     return {"TPGM": projected}
 
@@ -59,9 +64,9 @@ def soups(bench: Bench, ft_theta: Tree) -> dict[str, Tree]:
         with torch.no_grad():
             return float(metrics.accuracy(logits(bench, params, val_x), val_y))
 
-    greedy, kept = averaging.greedy_soup(runs, val_accuracy)
+    greedy, kept = merging.greedy_soup(runs, val_accuracy)
     n = len(runs)
     return {
-        f"uniform soup ({n} runs)": averaging.uniform_soup(runs),
+        f"uniform soup ({n} runs)": merging.uniform_soup(runs),
         f"greedy soup ({len(kept)} of {n})": greedy,
     }

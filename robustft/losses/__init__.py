@@ -1,10 +1,16 @@
 """Objectives of robust CLIP fine-tuning: CLIPood, UEO, Lipsum-FT and the baselines they beat.
 
 Pure functions over tensors and parameter trees, called inside your own training loop. Features
-are raw encoder outputs (L2-normalised inside); hyper-parameters are keyword-only; per-sample losses
-take ``reduction="mean" | "sum" | "none"``. Every loss is a non-negative penalty to minimise except
+are raw encoder outputs (L2-normalised inside); hyper-parameters and the reference (frozen,
+pre-trained, teacher) side of two-sided losses are keyword-only (``l2sp(params, anchor=θ0)``,
+``distillation(logits, teacher_logits=z0)``); per-sample losses take
+``reduction="mean" | "sum" | "none"``. Every loss is a non-negative penalty to minimise except
 :func:`ueo`, the one signed objective (documented there). Half-precision inputs are computed in
-float32.
+float32, and results stay float32 under autocast.
+
+Empty batches: ``reduction="none"`` gives ``[0]``, ``"sum"`` and ``"mean"`` give 0 (not the NaN of
+0 / 0), with a zero gradient; the coupled losses (:func:`ueo`, :func:`clip_contrastive`) give 0
+likewise, and with ``group=`` a rank with an empty local batch takes part in every collective.
 """
 
 from robustft.losses._contrastive import clip_contrastive

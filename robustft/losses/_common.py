@@ -1,4 +1,4 @@
-"""Helpers shared by the losses: argument checks, normalisation, value checks that never sync.
+"""Helpers shared by the losses: domain checks, the empty-batch reduction, value checks that never sync.
 
 Value checks (labels in range, positive confidences) read tensor *values*. They run only where that
 is free: on CPU tensors in eager mode, outside ``torch.func`` transforms and ``torch.compile``
@@ -11,61 +11,37 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
-from robustft._checks import (
-    check_floating,
-    check_number,
-    check_same_size,
-    describe,
-    is_functorch_wrapped,
-)
+from robustft._checks import check_floating, check_same_size
+from robustft._numerics import values_readable
 
 
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """The dtype a loss computes in: the promoted input dtype, at least float32."""
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return torch.promote_types(dtype, torch.float32)
+def check_features(fn: str, name: str, value: Any, *, what: str = "feature") -> Tensor:
+    """A ``[rows, dim]`` floating tensor with a non-empty feature axis."""
+    check_floating(fn, name, value, ndim=2)
+    if value.shape[1] == 0:
+        raise ValueError(
+            f"{fn}: {name} must have a non-empty {what} axis (dim 1), got shape "
+            f"{tuple(value.shape)}"
+        )
+    return value
 
 
-def normalize(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """L2-normalise the last dimension in ``dtype`` (idempotent up to rounding)."""
-    return F.normalize(x.to(dtype), dim=-1)
-
-
-def check_features(fn: str, name: str, value: Any) -> Tensor:
-    """A ``[batch, dim]`` floating tensor."""
-    return check_floating(fn, name, value, ndim=2)
+def check_rows(fn: str, name: str, value: Tensor, what: str) -> None:
+    """Reject a ``[0, dim]`` matrix whose rows are the classes, contexts or texts of a loss."""
+    if value.shape[0] == 0:
+        raise ValueError(
+            f"{fn}: {name} must hold at least one {what}, got shape {tuple(value.shape)}"
+        )
 
 
 def check_pair(fn: str, name_a: str, a: Any, name_b: str, b: Any) -> None:
-    """Two ``[batch, dim]`` floating tensors of the same shape."""
+    """Two ``[batch, dim]`` floating tensors of the same shape (``dim > 0``)."""
     check_features(fn, name_a, a)
     check_features(fn, name_b, b)
     check_same_size(fn, name_a, a, 0, name_b, b, 0)
     check_same_size(fn, name_a, a, 1, name_b, b, 1)
-
-
-def check_scale(fn: str, name: str, value: Any) -> Any:
-    """A positive real number or a 0-d floating tensor (not read, so it may be traced)."""
-    return check_number(fn, name, value, low=0.0, low_inclusive=False, allow_tensor=True)
-
-
-def values_readable(t: Tensor) -> bool:
-    """Whether reading ``t``'s values costs no device sync and breaks no trace.
-
-    True for plain CPU tensors in eager mode; False under ``torch.compile`` tracing, inside
-    ``torch.func`` transforms (batched or gradient-tracking wrappers) and on accelerators.
-    """
-    if torch.compiler.is_compiling():
-        return False
-    if is_functorch_wrapped(t) or type(t) not in (Tensor, torch.nn.Parameter):
-        return False
-    return t.device.type == "cpu"
 
 
 def check_label_values(fn: str, name: str, labels: Tensor, num_classes: int) -> bool:
@@ -88,14 +64,15 @@ def check_label_values(fn: str, name: str, labels: Tensor, num_classes: int) -> 
     return True
 
 
-def check_positive_values(fn: str, name: str, value: Tensor) -> None:
-    """Raise if some entry is not > 0 (or is NaN), only where values are readable."""
+def positive_values_error(fn: str, name: str, value: Tensor) -> str | None:
+    """The error message if some entry is not > 0 (or is NaN); ``None`` if fine or not readable."""
     if not values_readable(value) or value.numel() == 0:
-        return
+        return None
     value = value.detach()
-    if not float(torch.amin(value)) > 0:  # amin propagates NaN
-        first = float(value[~(value > 0)][0])
-        raise ValueError(f"{fn}: {name} must be > 0 everywhere, got {first!r}")
+    if float(torch.amin(value)) > 0:  # amin propagates NaN
+        return None
+    first = float(value[~(value > 0)][0])
+    return f"{fn}: {name} must be > 0 everywhere, got {first!r}"
 
 
 def nan_where_invalid(per_sample: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -106,13 +83,3 @@ def nan_where_invalid(per_sample: Tensor, labels: Tensor, num_classes: int) -> T
 def safe_labels(labels: Tensor, num_classes: int) -> Tensor:
     """Labels clamped into ``[0, num_classes)`` so gathers never index out of bounds."""
     return labels.clamp(0, num_classes - 1)
-
-
-def check_group(fn: str, group: Any) -> None:
-    """Check ``group`` is ``None`` or a ``torch.distributed.ProcessGroup``."""
-    if group is None:
-        return
-    if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
-        raise TypeError(
-            f"{fn}: group must be a torch.distributed ProcessGroup or None, got {describe(group)}"
-        )

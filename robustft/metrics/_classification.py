@@ -3,7 +3,13 @@
 All three are defined on known-class samples only: a label outside ``[0, classes)`` (SPEC §0's
 unknown class) raises a ``ValueError`` instead of being silently counted as a mistake. Select the
 known-class samples first, or use :class:`Evaluation`, which does it for you and also scores the
-unknown ones.
+unknown ones. Logits whose row has no finite maximum (NaN, ``+inf``, every class ``-inf``) are
+refused: ``argmax`` would pick a NaN as the prediction.
+
+Each metric is a per-sample reduction of the logits (:func:`per_sample`: correctness, maximum
+softmax probability, cross-entropy term) followed by a reduction over samples (:func:`reduce_*`).
+:class:`Evaluation` keeps only those per-sample scalars and applies the same reductions, so its
+results equal the functions on the concatenated logits.
 """
 
 from __future__ import annotations
@@ -13,9 +19,53 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from robustft._checks import check_int
-from robustft.metrics._validate import check_known_labels, check_logits_labels, metric_dtype
+from robustft._numerics import compute_dtype, full_precision
+from robustft.metrics._validate import check_known_labels, check_logits_labels
 
-__all__ = ["accuracy", "ece", "nll"]
+__all__ = ["accuracy", "ece", "nll", "per_sample", "reduce_accuracy", "reduce_ece", "reduce_nll"]
+
+
+def per_sample(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample ``(correct, confidence, nll_term)`` of ``[batch, classes]`` logits (private kernel).
+
+    ``correct`` is bool ``argmax == label``; ``confidence`` the maximum softmax probability and
+    ``nll_term`` the cross-entropy of the label, both in :func:`compute_dtype`. A label outside
+    ``[0, classes)`` gets ``correct = False`` and the term of class 0 (callers mask it out).
+    Row-wise only, so the values of a row do not depend on the batch it came in.
+    """
+    with torch.no_grad(), full_precision(logits):
+        z = logits.detach().to(compute_dtype(logits))
+        classes = z.shape[-1]
+        known = (labels >= 0) & (labels < classes)
+        safe = torch.where(known, labels, torch.zeros_like(labels))
+        correct = known & (z.argmax(dim=-1) == labels)
+        confidence = torch.softmax(z, dim=-1).amax(dim=-1)
+        nll_term = F.cross_entropy(z, safe, reduction="none")
+    return correct, confidence, nll_term
+
+
+def reduce_accuracy(correct: Tensor, dtype: torch.dtype) -> Tensor:
+    """Fraction of ``True`` in ``correct`` ``[n]``, ``n >= 1``."""
+    return correct.sum().to(dtype) / correct.numel()
+
+
+def reduce_nll(nll_term: Tensor) -> Tensor:
+    """Mean of the per-sample cross-entropy terms ``[n]``, ``n >= 1``."""
+    return nll_term.sum() / nll_term.numel()
+
+
+def reduce_ece(correct: Tensor, confidence: Tensor, num_bins: int) -> Tensor:
+    """ECE of per-sample correctness and confidence ``[n]`` over right-closed equal-width bins."""
+    dtype = confidence.dtype
+    edges = torch.linspace(0.0, 1.0, num_bins + 1, dtype=dtype, device=confidence.device)
+    # bucketize(right=False) gives i with edges[i-1] < conf <= edges[i]: bin i-1 is (lo, hi].
+    # conf >= 1/classes > 0 always; the clamp guards a confidence that underflows to 0 (classes
+    # beyond the dtype's range) or rounds above 1.
+    idx = (torch.bucketize(confidence, edges, right=False) - 1).clamp_(0, num_bins - 1)
+    gap = torch.zeros(num_bins, dtype=dtype, device=confidence.device)
+    gap.index_add_(0, idx, correct.to(dtype) - confidence)
+    # sum_b (n_b / N) |acc_b - conf_b| = sum_b |sum_{i in b} (correct_i - conf_i)| / N
+    return gap.abs().sum() / confidence.numel()
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -30,14 +80,15 @@ def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
 
     Args:
         logits: ``[batch, classes]`` logits :math:`z` (or probabilities: only the argmax matters).
-        labels: ``[batch]`` integer labels :math:`y`, all in ``[0, classes)``.
+        labels: ``[batch]`` labels :math:`y` of any integer dtype, all in ``[0, classes)``.
 
     Returns:
         0-d tensor in :math:`[0, 1]`, in ``logits``' dtype promoted to at least float32.
 
     Raises:
         TypeError: if ``logits`` is not floating or ``labels`` is not an integer tensor.
-        ValueError: if the shapes do not match, the batch is empty, or a label is outside
+        ValueError: if the shapes do not match, the batch or class axis is empty, a row of
+            ``logits`` has no finite maximum (NaN, ``+inf``, all ``-inf``), or a label is outside
             ``[0, classes)`` (an unknown-class sample).
 
     Example:
@@ -45,10 +96,10 @@ def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
         tensor(0.6667)
     """
     fn = "accuracy"
-    batch, classes = check_logits_labels(fn, logits, labels)
+    labels, _, classes = check_logits_labels(fn, logits, labels)
     check_known_labels(fn, labels, classes)
-    correct = (logits.detach().argmax(dim=-1) == labels).sum()
-    return correct.to(metric_dtype(logits)) / batch
+    correct = logits.detach().argmax(dim=-1) == labels
+    return reduce_accuracy(correct, compute_dtype(logits))
 
 
 def nll(logits: Tensor, labels: Tensor) -> Tensor:
@@ -58,7 +109,8 @@ def nll(logits: Tensor, labels: Tensor) -> Tensor:
         \mathrm{NLL} = -\frac{1}{N} \sum_{i=1}^{N} \log \operatorname{softmax}(z_i)_{y_i}
 
     Computed with ``torch.nn.functional.cross_entropy`` (exact log-softmax) in at least float32;
-    torchmetrics has no NLL metric. Lower is better.
+    torchmetrics has no NLL metric. Lower is better. A label whose logit is ``-inf`` (a masked
+    class) has probability 0 and gives ``+inf``, the true value.
 
     Args:
         logits: ``[batch, classes]`` logits :math:`z`.
@@ -69,7 +121,8 @@ def nll(logits: Tensor, labels: Tensor) -> Tensor:
 
     Raises:
         TypeError: if ``logits`` is not floating or ``labels`` is not an integer tensor.
-        ValueError: if the shapes do not match, the batch is empty, or a label is outside
+        ValueError: if the shapes do not match, the batch or class axis is empty, a row of
+            ``logits`` has no finite maximum (NaN, ``+inf``, all ``-inf``), or a label is outside
             ``[0, classes)`` (an unknown-class sample).
 
     Example:
@@ -77,9 +130,10 @@ def nll(logits: Tensor, labels: Tensor) -> Tensor:
         tensor(1.4100)
     """
     fn = "nll"
-    _, classes = check_logits_labels(fn, logits, labels)
+    labels, _, classes = check_logits_labels(fn, logits, labels)
     check_known_labels(fn, labels, classes)
-    return F.cross_entropy(logits.detach().to(metric_dtype(logits)), labels.long())
+    _, _, nll_term = per_sample(logits, labels)
+    return reduce_nll(nll_term)
 
 
 def ece(logits: Tensor, labels: Tensor, *, num_bins: int = 15) -> Tensor:
@@ -113,8 +167,9 @@ def ece(logits: Tensor, labels: Tensor, *, num_bins: int = 15) -> Tensor:
     Raises:
         TypeError: if ``logits`` is not floating, ``labels`` not an integer tensor, or
             ``num_bins`` not an int.
-        ValueError: if the shapes do not match, the batch is empty, a label is outside
-            ``[0, classes)``, or ``num_bins < 1``.
+        ValueError: if the shapes do not match, the batch or class axis is empty, a row of
+            ``logits`` has no finite maximum, a label is outside ``[0, classes)``, or
+            ``num_bins < 1``.
 
     Example:
         >>> logits = torch.tensor([[0.0, 0.0], [0.0, 0.0], [3.0, 0.0]])
@@ -126,18 +181,8 @@ def ece(logits: Tensor, labels: Tensor, *, num_bins: int = 15) -> Tensor:
         Code: https://github.com/gpleiss/temperature_scaling
     """
     fn = "ece"
-    batch, classes = check_logits_labels(fn, logits, labels)
-    check_int(fn, "num_bins", num_bins, low=1)
+    labels, _, classes = check_logits_labels(fn, logits, labels)
+    num_bins = check_int(fn, "num_bins", num_bins, low=1)
     check_known_labels(fn, labels, classes)
-    z = logits.detach().to(metric_dtype(logits))
-    conf = torch.softmax(z, dim=-1).amax(dim=-1)
-    pred = z.argmax(dim=-1)
-    correct = (pred == labels).to(z.dtype)
-    edges = torch.linspace(0.0, 1.0, num_bins + 1, dtype=z.dtype, device=z.device)
-    # bucketize(right=False) gives i with edges[i-1] < conf <= edges[i]: bin i-1 is (lo, hi].
-    # conf >= 1/classes > 0 always; the clamp only guards a rounding of conf above 1.
-    idx = (torch.bucketize(conf, edges, right=False) - 1).clamp_(0, num_bins - 1)
-    gap = torch.zeros(num_bins, dtype=z.dtype, device=z.device)
-    gap.index_add_(0, idx, correct - conf)
-    # sum_b (n_b / N) |acc_b - conf_b| = sum_b |sum_{i in b} (correct_i - conf_i)| / N
-    return gap.abs().sum() / batch
+    correct, confidence, _ = per_sample(logits, labels)
+    return reduce_ece(correct, confidence, num_bins)

@@ -1,4 +1,9 @@
-"""Streaming evaluation: collect logits, labels and scores batch by batch, then every metric."""
+"""Streaming evaluation: per-sample scalars batch by batch, then every metric at once.
+
+Memory is O(samples) scalars, never O(samples x classes): :meth:`Evaluation.update` reduces each
+batch of logits to what the metrics need (label, correctness, maximum softmax probability,
+cross-entropy term, OOD score) and copies those into growing buffers it owns.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,22 @@ import torch.distributed as dist
 from torch import Tensor
 
 from robustft import scores as _scores
-from robustft._checks import check_choice, check_floating, check_int, check_number, describe
+from robustft._checks import (
+    check_choice,
+    check_device,
+    check_group,
+    check_int,
+    check_labels,
+    check_number,
+    describe,
+)
+from robustft._numerics import compute_dtype, full_precision
 from robustft.distributed import all_gather_cat, is_distributed
-from robustft.metrics._classification import accuracy, ece, nll
-from robustft.metrics._open_set import open_set
+from robustft.metrics._classification import per_sample, reduce_accuracy, reduce_ece, reduce_nll
+from robustft.metrics._open_set import reduce_open_set
 from robustft.metrics._ranking import auroc, fpr_at_tpr
-from robustft.metrics._validate import check_logits_labels, check_threshold, metric_dtype
-from robustft.typing import Scalar
+from robustft.metrics._validate import check_logits_labels, check_scores, check_threshold
+from robustft.typing import Device, Group, Scalar
 
 __all__ = ["Evaluation", "EvaluationResult"]
 
@@ -45,8 +59,9 @@ class EvaluationResult(NamedTuple):
         os_star: OS* (:func:`open_set`); ``None`` without a threshold or like ``auroc``.
         unk: UNK (:func:`open_set`); ``None`` like ``os_star``.
         hos: HOS (:func:`open_set`); ``None`` like ``os_star``.
-        num_known: number of known-class samples (over every rank of the group).
-        num_unknown: number of unknown-class samples (over every rank of the group).
+        num_known: number of known-class samples (over every rank of the group, duplicates
+            removed when ``indices`` were given).
+        num_unknown: number of unknown-class samples (likewise).
     """
 
     accuracy: Tensor | None
@@ -61,6 +76,46 @@ class EvaluationResult(NamedTuple):
     num_unknown: int
 
 
+class _Column:
+    """A growing 1-d buffer owned by the evaluation (amortised O(1) append, never aliases input)."""
+
+    __slots__ = ("data", "size")
+
+    def __init__(self) -> None:
+        self.data: Tensor | None = None
+        self.size = 0
+
+    def append(self, values: Tensor, device: torch.device) -> None:
+        n = values.shape[0]
+        data = self.data
+        if data is None:
+            data = torch.empty(n, dtype=values.dtype, device=device)
+        elif values.dtype != data.dtype:  # a wider batch (float64 after float32): widen, exactly
+            data = data.to(torch.promote_types(data.dtype, values.dtype))
+        if self.size + n > data.shape[0]:
+            grown = torch.empty(
+                max(self.size + n, 2 * data.shape[0]), dtype=data.dtype, device=device
+            )
+            grown[: self.size].copy_(data[: self.size])
+            data = grown
+        data[self.size : self.size + n].copy_(values)  # a copy: the caller may reuse its buffer
+        self.data, self.size = data, self.size + n
+
+    def values(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        if self.data is None:
+            return torch.empty(0, dtype=dtype, device=device)
+        return self.data[: self.size]
+
+
+class _Gathered(NamedTuple):
+    labels: Tensor  # int64
+    correct: Tensor  # bool
+    confidence: Tensor  # logits' compute dtype
+    nll_term: Tensor  # logits' compute dtype
+    scores: Tensor  # scores' compute dtype
+    classes: int
+
+
 def _comm_device(group: Any, fallback: torch.device) -> torch.device:
     """NCCL only moves CUDA tensors; gloo (and others) take the tensors where they are."""
     if "nccl" in str(dist.get_backend(group)).lower():
@@ -68,49 +123,72 @@ def _comm_device(group: Any, fallback: torch.device) -> torch.device:
     return fallback
 
 
+def _first_occurrences(indices: Tensor) -> Tensor:
+    """Positions of the first occurrence of each distinct value of ``indices``, in order."""
+    order = torch.sort(indices, stable=True).indices
+    ranked = indices[order]
+    first = torch.ones_like(ranked, dtype=torch.bool)
+    first[1:] = ranked[1:] != ranked[:-1]
+    return torch.sort(order[first]).values
+
+
 class Evaluation:
     """Streaming evaluation over a loader: accuracy, NLL, ECE, AUROC, FPR@TPR and open-set scores.
 
     Call :meth:`update` once per batch with the model's logits over the :math:`C` known classes
     and the labels (any label outside ``[0, C)``, e.g. ``-1``, marks an unknown-class sample),
-    then :meth:`compute` once. The batches are detached and kept on ``device`` (CPU by default,
-    so GPU memory stays free); per-sample OOD scores are computed batch by batch with ``score``
+    then :meth:`compute` once. Per-sample OOD scores are computed batch by batch with ``score``
     unless you pass your own (e.g. :func:`robustft.scores.mcm` from CLIP features).
 
-    With a ``group``, :meth:`compute` all-gathers every rank's samples (uneven numbers allowed)
-    before computing, so each rank gets the metrics of the whole evaluation set, equal to one
-    process seeing all of it. It is a collective: every rank of the group must call it. Mind that
-    ``torch.utils.data.DistributedSampler`` pads the dataset with repeated samples to even the
-    ranks out, which then count twice. ``group=None`` never communicates, even when a process
-    group is initialised (so rank-0-only evaluation cannot hang); pass
-    ``torch.distributed.group.WORLD`` for all ranks.
+    **Memory.** :meth:`update` keeps no logits: it reduces each batch to the per-sample scalars
+    the metrics need (label, whether the argmax is right, maximum softmax probability,
+    cross-entropy term, score), about 30 bytes per sample in float32, copied into buffers the
+    evaluation owns on ``device`` (CPU by default, so accelerator memory stays free). 1M samples
+    of 1000 classes take ~30 MB instead of the 4 GB of their logits, and a caller that reuses one
+    logits buffer for every batch cannot rewrite earlier batches. The results equal the metric
+    functions applied to the concatenated logits (same per-row kernels, same reductions).
 
-    The metrics are the functions of :mod:`robustft.metrics`, applied to the concatenation:
-    :func:`accuracy`, :func:`nll` and :func:`ece` on the known-class samples; :func:`auroc` and
-    :func:`fpr_at_tpr` with the known-class samples as positives, when both kinds are present;
-    :func:`open_set` when, in addition, a ``threshold`` is given. Undefined ones are ``None``.
+    **Bad rows.** A row of logits without a finite maximum (NaN, ``+inf``, every class ``-inf``)
+    is refused by :meth:`update` with a ``ValueError`` naming the row, as are NaN scores:
+    ``argmax`` would otherwise "predict" the NaN's class and could count it as correct.
 
-    This is the one stateful object of the package: it only holds lists of evaluation outputs
-    (never differentiated, compiled or checkpointed), so a class with ``update``/``compute``
-    keeps the loop short, as in torchmetrics, where a functional state would only be threaded
-    through by hand. :meth:`reset` empties it.
+    **Across ranks.** With a ``group``, :meth:`compute` all-gathers every rank's per-sample
+    scalars (uneven numbers allowed) before computing, so each rank gets the metrics of the whole
+    evaluation set, equal to one process seeing all of it. It is a collective: every rank of the
+    group must call it. ``torch.utils.data.DistributedSampler`` pads the dataset with repeated
+    samples to even the ranks out; pass each sample's dataset index as ``indices=`` to
+    :meth:`update` and every index is counted once (its first occurrence in rank order), which
+    removes the padding exactly. ``group=None`` never communicates, even when a process group is
+    initialised (so rank-0-only evaluation cannot hang); pass ``torch.distributed.group.WORLD``
+    for all ranks.
+
+    The metrics are those of :mod:`robustft.metrics`: :func:`accuracy`, :func:`nll` and
+    :func:`ece` on the known-class samples; :func:`auroc` and :func:`fpr_at_tpr` with the
+    known-class samples as positives, when both kinds are present; :func:`open_set` when, in
+    addition, a ``threshold`` is given. Undefined ones are ``None``.
+
+    This is the one stateful object of the package: it only holds evaluation outputs (never
+    differentiated, compiled or checkpointed), so a class with ``update``/``compute`` keeps the
+    loop short, as in torchmetrics, where a functional state would only be threaded through by
+    hand. :meth:`reset` empties it.
 
     Args:
         score: the OOD score computed from each batch's logits when :meth:`update` gets no
             ``scores``: ``"msp"``, ``"max_logit"``, ``"energy"``, ``"entropy_score"`` (the
             functions of :mod:`robustft.scores` at their defaults) or a callable mapping
             ``[batch, classes]`` logits to ``[batch]`` scores, higher = known.
-        threshold: the open-set threshold :math:`\\tau` on the score's scale, or ``None`` for no
-            open-set metrics.
+        threshold: the open-set threshold :math:`\\tau` on the score's scale (a real number or a
+            0-d floating tensor, ``±inf`` allowed), or ``None`` for no open-set metrics.
         num_bins: ECE bins (:func:`ece`).
         tpr: the TPR at which :func:`fpr_at_tpr` is reported, in :math:`(0, 1]`.
-        device: where the batches are kept; ``None`` keeps them on the device they came on.
+        device: where the per-sample scalars are kept; ``None`` keeps them on the device the
+            logits came on.
         group: a ``torch.distributed`` process group to gather over, or ``None`` (local only).
 
     Raises:
-        TypeError: if an argument has the wrong type.
-        ValueError: if ``score`` is an unknown name, ``threshold`` is NaN, ``num_bins < 1`` or
-            ``tpr`` is outside :math:`(0, 1]`.
+        TypeError: if an argument has the wrong type (``group`` not a process group or ``None``).
+        ValueError: if ``score`` is an unknown name, ``threshold`` is NaN, ``num_bins < 1``,
+            ``tpr`` is outside :math:`(0, 1]` or ``device`` names no device.
 
     Example:
         >>> evaluation = Evaluation(score="msp", threshold=0.6)
@@ -128,8 +206,8 @@ class Evaluation:
         threshold: Scalar | None = None,
         num_bins: int = 15,
         tpr: float = 0.95,
-        device: torch.device | str | None = "cpu",
-        group: Any = None,
+        device: Device = "cpu",
+        group: Group = None,
     ) -> None:
         fn = "Evaluation"
         if isinstance(score, str):
@@ -145,121 +223,168 @@ class Evaluation:
         self.threshold = None if threshold is None else check_threshold(fn, threshold)
         self.num_bins = check_int(fn, "num_bins", num_bins, low=1)
         self.tpr = check_number(fn, "tpr", tpr, low=0.0, high=1.0, low_inclusive=False)
-        if device is not None and not isinstance(device, (str, torch.device)):
-            raise TypeError(
-                f"{fn}: device must be a torch.device, a str or None, got {describe(device)}"
-            )
-        self.device = None if device is None else torch.device(device)
-        self.group = group
+        self.device = check_device(fn, "device", device)
+        self.group = check_group(fn, group)
         self.reset()
 
     def reset(self) -> None:
         """Forget every batch seen so far."""
-        self._logits: list[Tensor] = []
-        self._labels: list[Tensor] = []
-        self._scores: list[Tensor] = []
+        self._labels = _Column()
+        self._correct = _Column()
+        self._confidence = _Column()
+        self._nll = _Column()
+        self._scores = _Column()
+        self._indices = _Column()
         self._classes: int | None = None
         self._user_scores: bool | None = None
+        self._has_indices: bool | None = None
+        self._where: torch.device | None = None
 
     @property
     def num_samples(self) -> int:
-        """Number of samples collected on this rank."""
-        return sum(t.shape[0] for t in self._labels)
+        """Number of samples collected on this rank (duplicate indices included)."""
+        return self._labels.size
 
-    def update(self, logits: Tensor, labels: Tensor, scores: Tensor | None = None) -> None:
-        """Add one batch.
+    def update(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        scores: Tensor | None = None,
+        *,
+        indices: Tensor | None = None,
+    ) -> None:
+        """Add one batch: reduce it to per-sample scalars and copy those (the inputs are not kept).
 
         Args:
             logits: ``[batch, classes]`` logits over the known classes (the same number of
-                classes every batch).
-            labels: ``[batch]`` integer labels; outside ``[0, classes)`` = unknown class.
+                classes every batch); every row with a finite maximum.
+            labels: ``[batch]`` labels of any integer dtype; outside ``[0, classes)`` = unknown.
             scores: optional ``[batch]`` OOD scores (higher = known) replacing ``score``; pass
-                them for every batch or for none.
+                them for every batch or for none. No NaN (``±inf`` allowed).
+            indices: optional ``[batch]`` integer dataset indices of the samples; with them each
+                index is counted once in :meth:`compute` (e.g. to drop the repeated samples
+                ``DistributedSampler`` pads with). Pass them for every batch or for none.
 
         Raises:
             TypeError: if a tensor has the wrong dtype.
-            ValueError: if the shapes do not match each other or earlier batches, or ``scores``
-                is given for some batches and not others.
+            ValueError: if the shapes do not match each other or earlier batches, a row of
+                ``logits`` has no finite maximum, the scores contain NaN, or ``scores`` /
+                ``indices`` is given for some batches and not others. A failed update stores
+                nothing.
         """
         fn = "Evaluation.update"
-        batch, classes = check_logits_labels(fn, logits, labels)
+        labels, batch, classes = check_logits_labels(fn, logits, labels)
         if self._classes is not None and classes != self._classes:
             raise ValueError(
                 f"{fn}: logits must have {self._classes} classes like the earlier batches, got "
                 f"shape {tuple(logits.shape)}"
             )
+        for name, value, before in (
+            ("scores", scores, self._user_scores),
+            ("indices", indices, self._has_indices),
+        ):
+            if before is not None and (value is not None) != before:
+                had = "with" if before else "without"
+                raise ValueError(
+                    f"{fn}: {name} must be given for every batch or for none; earlier batches "
+                    f"came {had} {name}, got {name}={describe(value)}"
+                )
+        if indices is not None:
+            indices = check_labels(fn, "indices", indices, batch=batch)
         given = scores is not None
-        if self._user_scores is not None and given != self._user_scores:
-            had = "with" if self._user_scores else "without"
-            raise ValueError(
-                f"{fn}: scores must be given for every batch or for none; earlier batches came "
-                f"{had} scores, got scores={describe(scores)}"
-            )
         logits = logits.detach()
         if scores is None:
-            with torch.no_grad():
+            with torch.no_grad(), full_precision(logits):
                 scores = self._score_fn(logits)
             name = "the score function's output"
         else:
             name = "scores"
-        check_floating(fn, name, scores)
-        if scores.shape != (batch,):
-            raise ValueError(
-                f"{fn}: {name} must have shape ({batch},) (the batch size), got shape "
-                f"{tuple(scores.shape)}"
-            )
+        check_scores(fn, scores, batch, name=name)
+        correct, confidence, nll_term = per_sample(logits, labels)
         device = logits.device if self.device is None else self.device
-        self._logits.append(logits.to(device, metric_dtype(logits)))
-        self._labels.append(labels.detach().to(device, torch.long))
-        self._scores.append(scores.detach().to(device, metric_dtype(scores)))
+        self._labels.append(labels, device)
+        self._correct.append(correct, device)
+        self._confidence.append(confidence, device)
+        self._nll.append(nll_term, device)
+        self._scores.append(scores.detach().to(compute_dtype(scores)), device)
+        if indices is not None:
+            self._indices.append(indices, device)
         self._classes, self._user_scores = classes, given
+        self._has_indices, self._where = indices is not None, device
 
-    def _gathered(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Concatenate this rank's batches and, with a group, every rank's (rank order)."""
+    def _local(self) -> _Gathered:
+        where = self.device or self._where or torch.device("cpu")
+        floats = self._confidence.data.dtype if self._confidence.data is not None else None
+        dtype = floats or torch.float32
+        sdtype = self._scores.data.dtype if self._scores.data is not None else torch.float32
+        return _Gathered(
+            self._labels.values(torch.long, where),
+            self._correct.values(torch.bool, where),
+            self._confidence.values(dtype, where),
+            self._nll.values(dtype, where),
+            self._scores.values(sdtype, where),
+            self._classes or 0,
+        )
+
+    def _gathered(self) -> tuple[_Gathered, Tensor | None]:
+        """This rank's scalars and, with a group, every rank's (rank order); plus the indices."""
         fn = "Evaluation.compute"
-        if self.device is not None:
-            device = self.device
-        else:
-            device = self._logits[0].device if self._logits else torch.device("cpu")
-        classes = self._classes or 0
-        if self._logits:
-            logits, labels = torch.cat(self._logits), torch.cat(self._labels)
-            scores = torch.cat(self._scores)
-            dtype = torch.promote_types(logits.dtype, scores.dtype)
-        else:
-            logits = torch.zeros(0, classes, device=device)
-            labels = torch.zeros(0, dtype=torch.long, device=device)
-            scores = torch.zeros(0, device=device)
-            dtype = torch.float32
+        local = self._local()
+        where = local.labels.device
+        indices = self._indices.values(torch.long, where) if self._has_indices else None
         if self.group is None or not is_distributed(self.group):
-            if labels.numel() == 0:
-                raise ValueError(f"{fn}: no samples were collected; call update() first")
-            return logits, labels, scores
-        comm = _comm_device(self.group, device)
+            if local.labels.numel() == 0:
+                raise ValueError(f"{fn}: update() must have added samples first, got 0 samples")
+            return local, indices
+        comm = _comm_device(self.group, where)
+        n = local.labels.numel()
+        f64 = int(local.confidence.dtype == torch.float64)
+        s64 = int(local.scores.dtype == torch.float64)
         user = -1 if self._user_scores is None else int(self._user_scores)
-        meta = [labels.numel(), self._classes or -1, int(dtype == torch.float64), user]
+        has_idx = -1 if self._has_indices is None else int(self._has_indices)
+        meta = [n, self._classes or -1, f64, s64, user, has_idx]
         metas = all_gather_cat(torch.tensor([meta], device=comm), self.group).tolist()
-        seen = sorted({m[1] for m in metas if m[0] > 0})
-        if not seen:
-            raise ValueError(f"{fn}: no samples were collected on any rank; call update() first")
-        if len(seen) > 1:
+        active = [m for m in metas if m[0] > 0]
+        if not active:
             raise ValueError(
-                f"{fn}: every rank must see the same number of classes, got {seen} across ranks"
+                f"{fn}: update() must have added samples on some rank first, got 0 samples on "
+                f"every rank of the group"
             )
-        if len({m[3] for m in metas if m[0] > 0}) > 1:
-            raise ValueError(
-                f"{fn}: every rank must pass scores to update(), or none may (mixing its own "
-                f"scores with the score function's would rank incomparable numbers)"
-            )
-        classes = seen[0]
-        dtype = torch.float64 if any(m[2] for m in metas) else torch.float32
-        if logits.numel() == 0 and labels.numel() == 0:
-            logits = torch.zeros(0, classes, device=device)
-        out = [
-            all_gather_cat(t.to(comm, d), self.group).to(device)
-            for t, d in ((logits, dtype), (labels, torch.long), (scores, dtype))
-        ]
-        return out[0], out[1], out[2]
+        for column, what in (
+            (1, "every rank must see the same number of classes"),
+            (
+                4,
+                "every rank must pass scores to update(), or none may (mixing its own scores "
+                "with the score function's would rank incomparable numbers)",
+            ),
+            (5, "every rank must pass indices to update(), or none may"),
+        ):
+            seen = sorted({m[column] for m in active})
+            if len(seen) > 1:
+                detail = f", got {seen} across ranks" if column == 1 else ""
+                raise ValueError(f"{fn}: {what}{detail}")
+        classes = active[0][1]
+        dtype = torch.float64 if any(m[2] for m in active) else torch.float32
+        sdtype = torch.float64 if any(m[3] for m in active) else torch.float32
+        wide = torch.promote_types(dtype, sdtype)
+        with_idx = bool(active[0][5] == 1)
+        ints = [local.labels, local.correct.long()]
+        if with_idx:
+            ints.append(indices if indices is not None else torch.empty(0, dtype=torch.long))
+        packed_i = torch.stack([t.to(comm) for t in ints], dim=1)
+        floats = [local.confidence, local.nll_term, local.scores]
+        packed_f = torch.stack([t.to(comm, wide) for t in floats], dim=1)
+        gi = all_gather_cat(packed_i, self.group).to(where)
+        gf = all_gather_cat(packed_f, self.group).to(where)
+        out = _Gathered(
+            gi[:, 0],
+            gi[:, 1] != 0,
+            gf[:, 0].to(dtype),
+            gf[:, 1].to(dtype),
+            gf[:, 2].to(sdtype),
+            classes,
+        )
+        return out, (gi[:, 2] if with_idx else None)
 
     def compute(self) -> EvaluationResult:
         """Every metric over the samples collected (on every rank of ``group``).
@@ -268,23 +393,37 @@ class Evaluation:
             :class:`EvaluationResult`; its tensors are 0-d, in at least float32.
 
         Raises:
-            ValueError: if no sample was collected (on any rank), if ranks saw different numbers
-                of classes or some passed scores and others not, or if a metric rejects its
-                input (e.g. NaN scores).
+            ValueError: if no sample was collected (on any rank), or ranks saw different numbers
+                of classes, or some passed ``scores`` (``indices``) and others not.
         """
-        logits, labels, scores = self._gathered()
-        classes = logits.shape[1]
+        data, indices = self._gathered()
+        if indices is not None:
+            keep = _first_occurrences(indices)
+            if keep.numel() != indices.numel():
+                data = _Gathered(
+                    data.labels[keep],
+                    data.correct[keep],
+                    data.confidence[keep],
+                    data.nll_term[keep],
+                    data.scores[keep],
+                    data.classes,
+                )
+        labels, correct, confidence, nll_term, scores, classes = data
         known = (labels >= 0) & (labels < classes)
         n_known = int(known.sum())
         n_unknown = labels.numel() - n_known
         acc = loss = cal = area = fpr = None
         if n_known:
-            z, y = logits[known], labels[known]
-            acc, loss, cal = accuracy(z, y), nll(z, y), ece(z, y, num_bins=self.num_bins)
+            ck, fk = correct[known], confidence[known]
+            acc = reduce_accuracy(ck, confidence.dtype)
+            loss = reduce_nll(nll_term[known])
+            cal = reduce_ece(ck, fk, self.num_bins)
         os_star = unk = hos = None
         if n_known and n_unknown:
             area = auroc(scores, known)
             fpr = fpr_at_tpr(scores, known, tpr=self.tpr)
             if self.threshold is not None:
-                os_star, unk, hos = open_set(logits, labels, scores, threshold=self.threshold)
+                os_star, unk, hos = reduce_open_set(
+                    labels, correct, scores, self.threshold, classes, confidence.dtype
+                )
         return EvaluationResult(acc, loss, cal, area, fpr, os_star, unk, hos, n_known, n_unknown)

@@ -1,4 +1,9 @@
-"""Open-set recognition metrics (OS*, UNK, HOS) and the base/new harmonic mean."""
+"""Open-set recognition metrics (OS*, UNK, HOS) and the base/new harmonic mean.
+
+:func:`open_set` is a per-sample step (the prediction is correct or not) followed by
+:func:`reduce_open_set` over labels, correctness and scores, the reduction :class:`Evaluation`
+applies to the per-sample scalars it keeps.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,16 @@ import torch
 from torch import Tensor
 
 from robustft._checks import check_number, describe
+from robustft._numerics import compute_dtype
 from robustft.metrics._validate import (
     check_logits_labels,
     check_no_nan,
     check_scores,
     check_threshold,
-    metric_dtype,
 )
 from robustft.typing import Scalar
 
-__all__ = ["OpenSetResult", "harmonic_mean", "open_set"]
+__all__ = ["OpenSetResult", "harmonic_mean", "open_set", "reduce_open_set"]
 
 
 class OpenSetResult(NamedTuple):
@@ -35,7 +40,7 @@ class OpenSetResult(NamedTuple):
     hos: Tensor
 
 
-def _as_tensor(fn: str, name: str, value: Scalar | Tensor) -> Tensor:
+def _as_tensor(fn: str, name: str, value: Scalar | Tensor) -> Tensor | float:
     if isinstance(value, Tensor):
         if not value.is_floating_point():
             raise TypeError(
@@ -47,24 +52,31 @@ def _as_tensor(fn: str, name: str, value: Scalar | Tensor) -> Tensor:
                 f"{fn}: {name} must be >= 0 everywhere, got {describe(value)} with negative entries"
             )
         return value.detach()
-    return torch.tensor(check_number(fn, name, value, low=0.0))
+    return check_number(fn, name, value, low=0.0, finite=False)
 
 
 def harmonic_mean(a: Scalar | Tensor, b: Scalar | Tensor) -> Tensor:
-    r"""Harmonic mean of two non-negative rates (base/new accuracy, OS*/UNK), 0 when both are 0.
+    r"""Harmonic mean of two non-negative rates (base/new accuracy, OS*/UNK), 0 when either is 0.
 
-    .. math:: H(a, b) = \frac{2ab}{a + b}, \qquad H(0, 0) = 0
+    .. math::
+        H(a, b) = \frac{2ab}{a + b} = \frac{2}{1/a + 1/b}, \qquad H(0, b) = 0, \qquad
+        H(\infty, b) = 2b
 
     Used for the base-to-new generalisation score (H of base- and new-class accuracy, CoCoOp) and
-    for HOS. Broadcasts like ``a * b``; pass percentages or fractions, consistently. Written with
+    for HOS. Broadcasts like ``a * b``; pass percentages or fractions, consistently. Computed as
+    :math:`\ell \cdot 2 / (1 + \ell / h)` with :math:`\ell = \min(a, b)`,
+    :math:`h = \max(a, b)`: no intermediate overflows (``2ab`` would for :math:`a, b` near
+    float32's maximum), every finite input gives the correctly rounded value up to a few ulps,
+    and infinite inputs give their limits (:math:`H(\infty, \infty) = \infty`). Written with
     torch ops (torchmetrics has no such metric).
 
     Args:
-        a: a non-negative Python number or floating tensor.
-        b: a non-negative Python number or floating tensor, broadcastable with ``a``.
+        a: a non-negative real number (``inf`` allowed) or floating tensor.
+        b: a non-negative real number or floating tensor, broadcastable with ``a``.
 
     Returns:
-        The broadcast shape of ``a`` and ``b`` (0-d for two numbers), floating.
+        The broadcast shape of ``a`` and ``b`` (0-d for two numbers), in the tensors' promoted
+        dtype, at least float32; float64 for two Python numbers (which are doubles).
 
     Raises:
         TypeError: if an argument is neither a real number nor a floating tensor.
@@ -72,20 +84,25 @@ def harmonic_mean(a: Scalar | Tensor, b: Scalar | Tensor) -> Tensor:
 
     Example:
         >>> harmonic_mean(0.8, 0.6)
-        tensor(0.6857)
-        >>> harmonic_mean(torch.tensor([0.5, 0.0]), torch.tensor([0.5, 0.0]))
-        tensor([0.5000, 0.0000])
+        tensor(0.6857, dtype=torch.float64)
+        >>> harmonic_mean(torch.tensor([0.5, 0.0, 3e38]), torch.tensor([0.5, 0.0, 3e38]))
+        tensor([5.0000e-01, 0.0000e+00, 3.0000e+38])
 
     References:
         Zhou et al., "Conditional Prompt Learning for Vision-Language Models", CVPR 2022.
         Code: https://github.com/KaiyangZhou/CoOp
     """
     fn = "harmonic_mean"
-    x = _as_tensor(fn, "a", a)
-    y = _as_tensor(fn, "b", b)
-    total = x + y
-    safe = torch.where(total > 0, total, torch.ones_like(total))
-    return torch.where(total > 0, 2 * x * y / safe, torch.zeros_like(total))
+    a_, b_ = _as_tensor(fn, "a", a), _as_tensor(fn, "b", b)
+    given = [t for t in (a_, b_) if isinstance(t, Tensor)]
+    # Python numbers are doubles and do not promote tensors (like torch's wrapped scalars)
+    dtype = compute_dtype(*given) if given else torch.float64
+    device = given[0].device if given else None
+    x, y = (torch.as_tensor(t, dtype=dtype, device=device) for t in (a_, b_))
+    lo, hi = torch.minimum(x, y), torch.maximum(x, y)
+    ratio = torch.where(hi > 0, lo / torch.where(hi > 0, hi, torch.ones_like(hi)), 0.0)
+    ratio = torch.where(torch.isinf(lo), torch.ones_like(ratio), ratio)  # inf / inf: H = inf
+    return lo * (2.0 / (1.0 + ratio))
 
 
 def open_set(logits: Tensor, labels: Tensor, scores: Tensor, *, threshold: Scalar) -> OpenSetResult:
@@ -108,8 +125,8 @@ def open_set(logits: Tensor, labels: Tensor, scores: Tensor, *, threshold: Scala
 
     Args:
         logits: ``[batch, classes]`` logits over the :math:`C` known classes.
-        labels: ``[batch]`` integer labels; values outside ``[0, classes)`` (e.g. ``-1``) are
-            unknown-class samples.
+        labels: ``[batch]`` labels of any integer dtype; values outside ``[0, classes)`` (e.g.
+            ``-1``) are unknown-class samples.
         scores: ``[batch]`` OOD scores (higher = known), e.g. :func:`robustft.scores.msp`.
         threshold: :math:`\tau`, a real number or 0-d floating tensor, on ``scores``' scale;
             ±inf allowed, NaN not.
@@ -120,8 +137,9 @@ def open_set(logits: Tensor, labels: Tensor, scores: Tensor, *, threshold: Scala
 
     Raises:
         TypeError: if a tensor has the wrong dtype, or ``threshold`` is not a real number.
-        ValueError: if the shapes do not match, ``scores`` or ``threshold`` is NaN, or ``labels``
-            has no known-class or no unknown-class sample.
+        ValueError: if the shapes do not match, the batch or class axis is empty, a row of
+            ``logits`` has no finite maximum (NaN, ``+inf``, all ``-inf``), ``scores`` or
+            ``threshold`` is NaN, or ``labels`` has no known-class or no unknown-class sample.
 
     Example:
         >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
@@ -137,11 +155,9 @@ def open_set(logits: Tensor, labels: Tensor, scores: Tensor, *, threshold: Scala
         Code: https://github.com/tim-learn/UEO
     """
     fn = "open_set"
-    batch, classes = check_logits_labels(fn, logits, labels)
+    labels, batch, classes = check_logits_labels(fn, logits, labels)
     check_scores(fn, scores, batch)
     check_threshold(fn, threshold)
-    dtype = metric_dtype(logits)
-    labels = labels.long()
     known = (labels >= 0) & (labels < classes)
     n_known = int(known.sum())
     n_unknown = batch - n_known
@@ -150,13 +166,31 @@ def open_set(logits: Tensor, labels: Tensor, scores: Tensor, *, threshold: Scala
             f"{fn}: labels must contain known-class samples (in [0, {classes})) and unknown-class "
             f"samples (outside it), got {n_known} known and {n_unknown} unknown"
         )
+    correct = known & (logits.detach().argmax(dim=-1) == labels)
+    return reduce_open_set(labels, correct, scores, threshold, classes, compute_dtype(logits))
+
+
+def reduce_open_set(
+    labels: Tensor,
+    correct: Tensor,
+    scores: Tensor,
+    threshold: Scalar,
+    classes: int,
+    dtype: torch.dtype,
+) -> OpenSetResult:
+    """OS*, UNK, HOS from per-sample int64 labels, correctness and scores (private kernel).
+
+    Needs at least one known- and one unknown-class sample (the callers check it).
+    """
+    known = (labels >= 0) & (labels < classes)
     accepted = scores.detach() >= threshold
-    hit = accepted & known & (logits.detach().argmax(dim=-1) == labels)
+    hit = accepted & correct
     cls = torch.where(known, labels, torch.zeros_like(labels))
-    per_class = torch.zeros(classes, dtype=dtype, device=logits.device)
+    per_class = torch.zeros(classes, dtype=dtype, device=labels.device)
     count = per_class.index_add(0, cls, known.to(dtype))
     hits = per_class.index_add(0, cls, hit.to(dtype))
     present = count > 0
     os_star = (hits / count.clamp_min(1)).sum() / present.sum().to(dtype)
-    unk = ((~accepted) & ~known).sum().to(dtype) / n_unknown
+    n_unknown = (~known).sum()
+    unk = ((~accepted) & ~known).sum().to(dtype) / n_unknown.to(dtype)
     return OpenSetResult(os_star, unk, harmonic_mean(os_star, unk))

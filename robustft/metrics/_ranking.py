@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from robustft._checks import check_number
-from robustft.metrics._validate import check_binary_targets, metric_dtype
+from robustft._numerics import compute_dtype
+from robustft.metrics._validate import check_binary_targets
 
 __all__ = ["auroc", "fpr_at_tpr"]
 
@@ -60,7 +61,7 @@ def auroc(scores: Tensor, is_positive: Tensor) -> Tensor:
     """
     fn = "auroc"
     pos, n_pos, n_neg = check_binary_targets(fn, scores, is_positive)
-    s = scores.detach().to(metric_dtype(scores))
+    s = scores.detach().to(compute_dtype(scores))
     negatives = torch.sort(s[~pos]).values
     positives = s[pos]
     below = torch.searchsorted(negatives, positives, right=False)  # negatives < s_i
@@ -116,6 +117,6 @@ def fpr_at_tpr(scores: Tensor, is_positive: Tensor, *, tpr: float = 0.95) -> Ten
     rate = check_number(fn, "tpr", tpr, low=0.0, high=1.0, low_inclusive=False)
     pos, n_pos, n_neg = check_binary_targets(fn, scores, is_positive)
     k = math.ceil(Fraction(repr(rate)) * n_pos)  # 1 <= k <= n_pos since 0 < rate <= 1
-    s = scores.detach().to(metric_dtype(scores))
+    s = scores.detach().to(compute_dtype(scores))
     threshold = torch.topk(s[pos], k, sorted=True).values[-1]
     return (s[~pos] >= threshold).sum().to(s.dtype) / n_neg

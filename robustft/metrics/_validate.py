@@ -2,7 +2,7 @@
 
 Metrics are eager evaluation code, so unlike the losses they may read tensor values to reject
 inputs that would otherwise give a silently wrong number or a NaN (unknown labels where only known
-classes make sense, NaN scores, an evaluation set without negatives).
+classes make sense, NaN logits or scores, an evaluation set without negatives).
 """
 
 from __future__ import annotations
@@ -11,36 +11,56 @@ import torch
 from torch import Tensor
 
 from robustft._checks import check_floating, check_labels, check_number, check_tensor, describe
-from robustft.tree import accumulation_dtype
 from robustft.typing import Scalar
 
 __all__ = [
     "check_binary_targets",
+    "check_finite_rows",
     "check_known_labels",
     "check_logits_labels",
     "check_no_nan",
     "check_scores",
     "check_threshold",
-    "metric_dtype",
 ]
 
 
-def metric_dtype(x: Tensor) -> torch.dtype:
-    """Metrics compute in at least float32 (float64 stays float64)."""
-    return accumulation_dtype(x.dtype)
+def check_logits_labels(fn: str, logits: Tensor, labels: Tensor) -> tuple[Tensor, int, int]:
+    """``logits`` ``[batch, classes]`` floating, ``labels`` ``[batch]`` integer, both axes >= 1.
 
-
-def check_logits_labels(fn: str, logits: Tensor, labels: Tensor) -> tuple[int, int]:
-    """``logits`` ``[batch, classes]`` floating, ``labels`` ``[batch]`` integer, batch >= 1."""
+    Returns the labels as int64 (every integer dtype is accepted), the batch size and the number
+    of classes. The logits' values are checked too (:func:`check_finite_rows`).
+    """
     check_floating(fn, "logits", logits, ndim=2)
-    check_labels(fn, "labels", labels, batch=logits.shape[0])
+    labels = check_labels(fn, "labels", labels, batch=logits.shape[0])
     batch, classes = logits.shape
     if batch == 0 or classes == 0:
         raise ValueError(
             f"{fn}: logits must have shape [batch, classes] with batch >= 1 and classes >= 1, "
             f"got shape {tuple(logits.shape)}"
         )
-    return batch, classes
+    check_finite_rows(fn, logits)
+    return labels, batch, classes
+
+
+def check_finite_rows(fn: str, logits: Tensor) -> None:
+    """Every row must have a finite maximum: no NaN, no ``+inf``, not every class ``-inf``.
+
+    ``torch.argmax`` treats NaN as the largest value, so a NaN row would be "predicted" as the
+    class holding the NaN (and count as correct when that is the label); its softmax, confidence
+    and cross-entropy are NaN. Such rows come from a diverged or overflowed model and are refused
+    rather than given an arbitrary meaning. A ``-inf`` logit (a masked class) is fine.
+    """
+    row_max = logits.detach().amax(dim=-1)
+    bad = ~torch.isfinite(row_max)
+    if bool(bad.any()):
+        count = int(bad.sum())
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{fn}: logits must have a finite maximum in every row (no NaN, no +inf, not every "
+            f"class -inf), got {count} row(s) without one (first: row {first}, maximum "
+            f"{float(row_max[first])}); a diverged or overflowed model: drop those rows "
+            f"(torch.isfinite(logits.amax(-1))) and count them as you see fit"
+        )
 
 
 def check_known_labels(fn: str, labels: Tensor, classes: int) -> None:
@@ -63,15 +83,17 @@ def check_no_nan(fn: str, name: str, x: Tensor) -> None:
         raise ValueError(f"{fn}: {name} must not contain NaN, got {int(torch.isnan(x).sum())} NaN")
 
 
-def check_scores(fn: str, scores: Tensor, batch: int | None = None) -> Tensor:
+def check_scores(
+    fn: str, scores: Tensor, batch: int | None = None, *, name: str = "scores"
+) -> Tensor:
     """``scores`` ``[batch]`` floating without NaN (±inf allowed: they still order)."""
-    check_floating(fn, "scores", scores, ndim=1)
+    check_floating(fn, name, scores, ndim=1)
     if batch is not None and scores.shape[0] != batch:
         raise ValueError(
-            f"{fn}: scores must have length {batch} (the batch size), got shape "
+            f"{fn}: {name} must have length {batch} (the batch size), got shape "
             f"{tuple(scores.shape)}"
         )
-    check_no_nan(fn, "scores", scores)
+    check_no_nan(fn, name, scores)
     return scores
 
 
@@ -117,4 +139,4 @@ def check_threshold(fn: str, threshold: Scalar) -> Scalar:
         if bool(torch.isnan(threshold)):
             raise ValueError(f"{fn}: threshold must not be NaN, got {threshold}")
         return threshold
-    return check_number(fn, "threshold", threshold)
+    return check_number(fn, "threshold", threshold, finite=False)

@@ -2,26 +2,20 @@ r"""TPGM: learn one projection radius per tensor on held-out data (post hoc)."""
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from robustft._checks import check_choice, check_int, check_number, describe
-from robustft.projections._balls import NORMS, apply_scale, check_trees, deviation_norms, scale_of
+from robustft._checks import check_choice, check_int, check_number, describe, fmt_keys
+from robustft.projections._balls import NORMS, apply_scale, check_pair, deviation_norms, scale_of
+from robustft.typing import Params
 
 __all__ = ["tpgm"]
 
 _MIN_RADIUS = 1e-8
-
-
-def _finite(fn: str, name: str, value: Any, *, low: float, strict: bool) -> float:
-    x = check_number(fn, name, value, low=low, low_inclusive=not strict)
-    if math.isinf(x):
-        raise ValueError(f"{fn}: {name} must be finite, got {value!r}")
-    return x
 
 
 def _clip_(radii: Mapping[str, Tensor], upper: Mapping[str, Tensor]) -> None:
@@ -31,10 +25,10 @@ def _clip_(radii: Mapping[str, Tensor], upper: Mapping[str, Tensor]) -> None:
 
 
 def tpgm(
-    params: Mapping[str, Tensor],
-    anchor: Mapping[str, Tensor],
+    params: Params,
     loss_fn: Callable[[dict[str, Tensor]], Tensor],
     *,
+    anchor: Params,
     norm: str = "l2",
     steps: int = 200,
     lr: float = 1e-2,
@@ -66,11 +60,22 @@ def tpgm(
     model over held-out batches. Tensors you do not want projected stay out of the trees (merge
     them inside ``loss_fn``).
 
+    Non-finite losses are skipped and reported: a step whose loss (or any radius gradient) is
+    NaN or infinite -- a corrupt validation batch, an overflow -- does not update the radii (nor
+    Adam's moments), so one bad batch cannot turn the radii and the projected model into NaN; the
+    skipped steps are reported in one ``RuntimeWarning`` at the end. If *every* step is
+    skipped, nothing was learned and a ``ValueError`` is raised. This costs one host
+    synchronisation per step (a post-hoc loop, not a training hot path).
+
+    Deviation from the official code: the projection scale is capped at 1 (see
+    :func:`mars_ball`; with ``norm="mars"`` the official code scales rows inside the radius up).
+
     Args:
-        params: :math:`\theta`, the fine-tuned tree.
-        anchor: :math:`\theta_0`, the pre-trained tree (same keys, shapes and dtypes).
+        params: :math:`\theta`, the fine-tuned tree of floating-point tensors.
         loss_fn: ``(projected_params) -> loss``, a 0-d floating tensor differentiable in the
             projected parameters (e.g. the cross-entropy on validation batches).
+        anchor: :math:`\theta_0`, the pre-trained tree, keyword-only (same keys, shapes and
+            dtypes).
         norm: ``"l2"`` (Frobenius norm per tensor) or ``"mars"`` (L1 norm per output row).
         steps: Adam steps, ``>= 0`` (200 post hoc in the paper).
         lr: Adam's learning rate, ``> 0`` (1e-2).
@@ -79,18 +84,24 @@ def tpgm(
     Returns:
         ``(projected, radii)``: the projected tree (new tensors, detached, ``params``' dtypes)
         and the learned clipped radii, a dict of 0-d tensors (at least float32). The same
-        projection is ``l2_ball(params, anchor, radius=radii)`` (or ``mars_ball``).
+        projection is ``l2_ball(params, anchor=anchor, radius=radii)`` (or ``mars_ball``).
 
     Raises:
-        TypeError: non-trees, non-floating tensors, a non-callable ``loss_fn``, or a ``loss_fn``
-            that does not return a 0-d floating tensor.
-        ValueError: mismatched trees, a bad ``norm``, ``steps < 0``, ``lr <= 0``, negative
-            ``regularization``, or a loss without a gradient path to the projected parameters.
+        TypeError: non-trees, non-floating tensors, a non-callable ``loss_fn``, a ``loss_fn``
+            that does not return a 0-d floating tensor, or ``anchor`` passed positionally.
+        ValueError: mismatched trees, a non-finite ``params - anchor``, a bad ``norm``,
+            ``steps < 0``, a non-finite or non-positive ``lr``, a negative or non-finite
+            ``regularization``, a loss without a gradient path to the projected parameters, or
+            a non-finite loss at every step.
+
+    Warns:
+        RuntimeWarning: when some (not all) steps were skipped for a non-finite loss or radius
+            gradient.
 
     >>> anchor = {"w": torch.zeros(2)}
     >>> params = {"w": torch.tensor([3.0, 4.0])}  # the best point is anchor + 0.2 * delta
     >>> loss = lambda p: ((p["w"] - torch.tensor([0.6, 0.8])) ** 2).sum()
-    >>> projected, radii = tpgm(params, anchor, loss, steps=150, lr=0.05)
+    >>> projected, radii = tpgm(params, loss, anchor=anchor, steps=150, lr=0.05)
     >>> radii["w"].round(decimals=2), projected["w"].round(decimals=2)
     (tensor(1.), tensor([0.6000, 0.8000]))
 
@@ -98,23 +109,25 @@ def tpgm(
         Tian et al., "Trainable Projected Gradient Method for Robust Fine-tuning", CVPR 2023.
         Code: https://github.com/GT-RIPL/TPGM
     """
-    check_trees("tpgm", anchor, params)
+    check_pair("tpgm", params, anchor)
     if not callable(loss_fn):
         raise TypeError(f"tpgm: loss_fn must be callable, got {describe(loss_fn)}")
     if not isinstance(norm, str):
         raise TypeError(f"tpgm: norm must be one of 'l2', 'mars', got {describe(norm)}")
     kind = check_choice("tpgm", "norm", norm, NORMS)
     n_steps = check_int("tpgm", "steps", steps, low=0)
-    rate = _finite("tpgm", "lr", lr, low=0.0, strict=True)
-    c = _finite("tpgm", "regularization", regularization, low=0.0, strict=False)
+    rate = check_number("tpgm", "lr", lr, low=0.0, low_inclusive=False)
+    c = check_number("tpgm", "regularization", regularization, low=0.0)
 
     p = {k: v.detach() for k, v in params.items()}
     a = {k: anchor[k].detach() for k in params}
     with torch.no_grad():
         norms = deviation_norms(p, a, kind)
+        _check_finite_norms(norms)
         upper = {k: n.max().clamp_min(_MIN_RADIUS) for k, n in norms.items()}
         radii = {k: (n.min() / 2).clone().requires_grad_(True) for k, n in norms.items()}
 
+    skipped: list[int] = []
     if radii and n_steps > 0:
         opt = torch.optim.Adam(list(radii.values()), lr=rate)
         for i in range(n_steps):
@@ -130,8 +143,12 @@ def tpgm(
                     loss = loss + c * kept.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            if _finite_step(loss, radii):
+                opt.step()
+            else:  # a NaN/inf loss or gradient: keep the radii (and Adam's moments) as they were
+                skipped.append(i)
             del projected, scales, loss
+        _report_skipped(skipped, n_steps)
     _clip_(radii, upper)
     with torch.no_grad():
         out = {k: apply_scale(a[k], p[k], scale_of(norms[k], radii[k]), kind) for k in p}
@@ -146,3 +163,38 @@ def _check_loss(loss: Any) -> None:
             "tpgm: loss_fn must return a loss differentiable in the projected parameters it is "
             "given, got a tensor without gradient (detached, or computed under torch.no_grad?)"
         )
+
+
+def _check_finite_norms(norms: Mapping[str, Tensor]) -> None:
+    if not norms:
+        return
+    finite = torch.stack([torch.isfinite(n).all() for n in norms.values()])
+    if not bool(finite.all()):
+        bad = [k for k, ok in zip(norms, finite.tolist()) if not ok]
+        raise ValueError(
+            f"tpgm: params - anchor must be finite, got NaN or inf deviations at keys "
+            f"{fmt_keys(bad)}"
+        )
+
+
+def _finite_step(loss: Tensor, radii: Mapping[str, Tensor]) -> bool:
+    """Whether the loss and every radius gradient are finite (one host synchronisation)."""
+    values = [loss.detach().double().reshape(())]
+    values += [r.grad.double().reshape(()) for r in radii.values() if r.grad is not None]
+    return bool(torch.isfinite(torch.stack(values)).all())
+
+
+def _report_skipped(skipped: list[int], n_steps: int) -> None:
+    if not skipped:
+        return
+    if len(skipped) == n_steps:
+        raise ValueError(
+            f"tpgm: loss_fn must return a finite loss with finite radius gradients on some step, "
+            f"got NaN or inf on all {n_steps} steps: no radius could be learned"
+        )
+    warnings.warn(
+        f"tpgm: skipped {len(skipped)} of {n_steps} steps whose loss or radius gradient was NaN "
+        f"or inf (first at step {skipped[0]}); the radii were not updated on those steps",
+        RuntimeWarning,
+        stacklevel=3,
+    )

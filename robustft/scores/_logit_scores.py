@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from robustft.scores._validate import check_class_axis, check_temperature, score_dtype
+from robustft._numerics import compute_dtype, entropy, log_msp
+from robustft.scores._validate import check_class_axis, check_temperature
 from robustft.typing import Scalar
 
 __all__ = ["energy", "entropy_score", "max_logit", "msp"]
@@ -34,14 +35,16 @@ def msp(logits: Tensor, *, temperature: Scalar = 1.0) -> Tensor:
 
     Args:
         logits: ``[..., classes]`` logits :math:`z`.
-        temperature: :math:`T > 0`, a Python number or a 0-d floating tensor (not read).
+        temperature: :math:`T > 0`, a finite Python or NumPy number, or a 0-d floating tensor
+            (not read).
 
     Returns:
         ``[...]`` scores (``logits``' shape without the class axis), in at least float32.
 
     Raises:
         TypeError: if ``logits`` is not a floating tensor, or ``temperature`` not a real number.
-        ValueError: if ``logits`` has no class axis or zero classes, or ``temperature <= 0``.
+        ValueError: if ``logits`` has no class axis or zero classes, or ``temperature`` is not
+            finite and ``> 0``.
 
     Example:
         >>> msp(torch.tensor([[0.0, 0.0], [2.0, 0.0]]))
@@ -56,8 +59,7 @@ def msp(logits: Tensor, *, temperature: Scalar = 1.0) -> Tensor:
     fn = "msp"
     check_class_axis(fn, "logits", logits)
     t = check_temperature(fn, temperature)
-    z = logits.to(score_dtype(logits)) / t
-    return torch.exp(z.amax(dim=-1) - torch.logsumexp(z, dim=-1))
+    return torch.exp(log_msp(logits.to(compute_dtype(logits)) / t))
 
 
 def max_logit(logits: Tensor) -> Tensor:
@@ -87,7 +89,7 @@ def max_logit(logits: Tensor) -> Tensor:
         ICML 2022. Code: https://github.com/hendrycks/anomaly-seg
     """
     check_class_axis("max_logit", "logits", logits)
-    return logits.to(score_dtype(logits)).amax(dim=-1)
+    return logits.to(compute_dtype(logits)).amax(dim=-1)
 
 
 def energy(logits: Tensor, *, temperature: Scalar = 1.0) -> Tensor:
@@ -102,14 +104,16 @@ def energy(logits: Tensor, *, temperature: Scalar = 1.0) -> Tensor:
 
     Args:
         logits: ``[..., classes]`` logits :math:`z`.
-        temperature: :math:`T > 0`, a Python number or a 0-d floating tensor (not read).
+        temperature: :math:`T > 0`, a finite Python or NumPy number, or a 0-d floating tensor
+            (not read).
 
     Returns:
         ``[...]`` scores, in at least float32.
 
     Raises:
         TypeError: if ``logits`` is not a floating tensor, or ``temperature`` not a real number.
-        ValueError: if ``logits`` has no class axis or zero classes, or ``temperature <= 0``.
+        ValueError: if ``logits`` has no class axis or zero classes, or ``temperature`` is not
+            finite and ``> 0``.
 
     Example:
         >>> energy(torch.tensor([[0.0, 0.0], [3.0, -20.0]]))
@@ -122,7 +126,7 @@ def energy(logits: Tensor, *, temperature: Scalar = 1.0) -> Tensor:
     fn = "energy"
     check_class_axis(fn, "logits", logits)
     t = check_temperature(fn, temperature)
-    return t * torch.logsumexp(logits.to(score_dtype(logits)) / t, dim=-1)
+    return t * torch.logsumexp(logits.to(compute_dtype(logits)) / t, dim=-1)
 
 
 def entropy_score(logits: Tensor) -> Tensor:
@@ -155,8 +159,4 @@ def entropy_score(logits: Tensor) -> Tensor:
         Optimization", ICML 2024. Code: https://github.com/tim-learn/UEO
     """
     check_class_axis("entropy_score", "logits", logits)
-    logp = torch.log_softmax(logits.to(score_dtype(logits)), dim=-1)
-    p = logp.exp()
-    # p == 0 exactly where logp == -inf; zero those terms without a 0 * inf in value or gradient.
-    safe_logp = torch.where(p > 0, logp, torch.zeros_like(logp))
-    return (p * safe_logp).sum(dim=-1)
+    return -entropy(logits.to(compute_dtype(logits)))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from robustft._checks import check_floating, check_ndim, check_same_size
-from robustft.scores._validate import check_class_axis, check_temperature, score_dtype
+from robustft._numerics import compute_dtype, full_precision, log_msp, normalize
+from robustft.scores._validate import check_temperature
 from robustft.typing import Scalar
 
 __all__ = ["mcm"]
@@ -33,15 +33,18 @@ def mcm(image_features: Tensor, text_features: Tensor, *, temperature: Scalar = 
     Args:
         image_features: ``[..., dim]`` raw image embeddings :math:`f` (e.g. ``[batch, dim]``).
         text_features: ``[classes, dim]`` raw text embeddings :math:`t_k` of the known classes.
-        temperature: :math:`\tau > 0`, a Python number or a 0-d floating tensor (not read).
+        temperature: :math:`\tau > 0`, a finite Python or NumPy number, or a 0-d floating tensor
+            (not read). It divides cosines: not CLIP's logit scale (``1 / temperature`` plays
+            that role; UEO's confidence is ``temperature=1``).
 
     Returns:
-        ``[...]`` scores (``image_features``' shape without ``dim``), in at least float32.
+        ``[...]`` scores (``image_features``' shape without ``dim``), in at least float32, also
+        under ``torch.autocast(dtype=torch.bfloat16)`` (the matmul runs with autocast off).
 
     Raises:
         TypeError: if a feature tensor is not floating, or ``temperature`` not a real number.
         ValueError: if ``text_features`` is not 2-d, the embedding widths differ, there are no
-            classes, or ``temperature <= 0``.
+            classes or no embedding coordinates, or ``temperature`` is not finite and ``> 0``.
 
     Example:
         >>> image = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
@@ -56,7 +59,12 @@ def mcm(image_features: Tensor, text_features: Tensor, *, temperature: Scalar = 
         Optimization", ICML 2024. Code: https://github.com/tim-learn/UEO
     """
     fn = "mcm"
-    check_class_axis(fn, "image_features", image_features)
+    check_floating(fn, "image_features", image_features)
+    if image_features.ndim == 0 or image_features.shape[-1] == 0:
+        raise ValueError(
+            f"{fn}: image_features must have shape [..., dim] with dim >= 1, got shape "
+            f"{tuple(image_features.shape)}"
+        )
     check_floating(fn, "text_features", text_features)
     check_ndim(fn, "text_features", text_features, 2)
     check_same_size(fn, "image_features", image_features, -1, "text_features", text_features, 1)
@@ -66,8 +74,7 @@ def mcm(image_features: Tensor, text_features: Tensor, *, temperature: Scalar = 
             f"{tuple(text_features.shape)}"
         )
     t = check_temperature(fn, temperature)
-    dtype = torch.promote_types(score_dtype(image_features), score_dtype(text_features))
-    f = F.normalize(image_features.to(dtype), dim=-1)
-    w = F.normalize(text_features.to(dtype), dim=-1)
-    z = (f @ w.T) / t
-    return torch.exp(z.amax(dim=-1) - torch.logsumexp(z, dim=-1))
+    dtype = compute_dtype(image_features, text_features)
+    with full_precision(image_features, text_features):  # float32 under bf16 autocast too
+        cosine = normalize(image_features, dtype) @ normalize(text_features, dtype).T
+        return torch.exp(log_msp(cosine / t))

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from robustft._checks import check_floating, check_number
-from robustft.tree import accumulation_dtype
+from robustft._checks import check_floating, check_scalar
 from robustft.typing import Scalar
 
-__all__ = ["check_class_axis", "check_temperature", "score_dtype"]
+__all__ = ["check_class_axis", "check_temperature"]
 
 
 def check_class_axis(fn: str, name: str, x: Tensor) -> Tensor:
@@ -24,12 +22,5 @@ def check_class_axis(fn: str, name: str, x: Tensor) -> Tensor:
 
 
 def check_temperature(fn: str, temperature: Scalar) -> Scalar:
-    """A temperature is a Python number > 0, or a 0-d floating tensor (value not read)."""
-    return check_number(
-        fn, "temperature", temperature, low=0.0, low_inclusive=False, allow_tensor=True
-    )
-
-
-def score_dtype(x: Tensor) -> torch.dtype:
-    """Scores are computed and returned in at least float32 (bf16 scores would tie massively)."""
-    return accumulation_dtype(x.dtype)
+    """A finite real number > 0 (Python or NumPy), or a 0-d floating tensor (value not read)."""
+    return check_scalar(fn, "temperature", temperature, positive=True)

@@ -9,7 +9,6 @@ write only into their first argument.
 """
 
 from robustft.tree._arith import (
-    accumulation_dtype,
     add,
     copy_,
     dot,
@@ -33,7 +32,6 @@ from robustft.tree._structure import (
 
 __all__ = [
     "Where",
-    "accumulation_dtype",
     "add",
     "cast",
     "check_same_structure",

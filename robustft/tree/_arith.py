@@ -11,16 +11,17 @@ works under ``torch.func.grad``/``vmap``/``torch.compile``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
 
-from robustft._checks import check_per_tensor, describe, is_functorch_wrapped
-from robustft.tree._structure import check_same_structure, check_tree
+from robustft._checks import check_floating_tree, check_per_tensor_scalar
+from robustft._numerics import compute_dtype, foreach_ok, plain_tensor
+from robustft.tree._structure import check_same_structure
+from robustft.typing import Params, PerTensor, Scalar
 
 __all__ = [
-    "accumulation_dtype",
     "add",
     "copy_",
     "dot",
@@ -31,20 +32,6 @@ __all__ = [
     "sq_norm",
     "sub",
 ]
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype reductions accumulate in: at least float32 (bf16/fp16 sums lose digits)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _foreach_ok(tensors: Sequence[Tensor]) -> bool:
-    """Whether the ``torch._foreach_*`` fast path may be used for these tensors."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    if torch.compiler.is_compiling():  # inductor lowers foreach ops; dynamo can't trace the probe
-        return True
-    return not any(is_functorch_wrapped(t) for t in tensors)
 
 
 def _groups(trees: Sequence[Mapping[str, Tensor]]) -> list[list[str]]:
@@ -67,12 +54,12 @@ def _binary(
     out: dict[str, Tensor] = {}
     for keys in _groups([a, b]):
         xs, ys = [a[k] for k in keys], [b[k] for k in keys]
-        res = foreach(xs, ys) if _foreach_ok(xs + ys) else [single(x, y) for x, y in zip(xs, ys)]
+        res = foreach(xs, ys) if foreach_ok(xs + ys) else [single(x, y) for x, y in zip(xs, ys)]
         out.update(zip(keys, res))
     return {k: out[k] for k in a}
 
 
-def add(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def add(a: Params, b: Params) -> dict[str, Tensor]:
     """Key-wise sum ``a + b`` of two trees with the same keys, shapes and dtypes.
 
     >>> add({"w": torch.tensor([1.0])}, {"w": torch.tensor([2.0])})
@@ -81,7 +68,7 @@ def add(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return _binary(a, b, "tree.add", lambda x, y: torch._foreach_add(x, y), torch.add)
 
 
-def sub(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def sub(a: Params, b: Params) -> dict[str, Tensor]:
     """Key-wise difference ``a - b`` of two trees with the same keys, shapes and dtypes.
 
     >>> sub({"w": torch.tensor([1.0])}, {"w": torch.tensor([2.0])})
@@ -90,111 +77,163 @@ def sub(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return _binary(a, b, "tree.sub", lambda x, y: torch._foreach_sub(x, y), torch.sub)
 
 
-def _is_python_scalar(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def _mul(x: Tensor, f: Any) -> Tensor:
+    """``x * f`` in ``x``'s dtype; a tensor ``f`` is applied in the compute dtype.
+
+    A 0-d tensor factor would otherwise promote a 0-d leaf (``bf16 * float32 -> float32``): the
+    product is formed in :func:`~robustft._numerics.compute_dtype` and cast back to ``x.dtype``.
+    """
+    if not isinstance(f, Tensor):
+        return x * f
+    acc = compute_dtype(x, f)
+    return (x.to(acc) * f.to(device=x.device, dtype=acc)).to(x.dtype)
 
 
-def _check_factor(fn: str, name: str, value: object, keys: Sequence[str]) -> None:
-    def ok(v: object) -> bool:
-        return _is_python_scalar(v) or (isinstance(v, Tensor) and v.ndim == 0)
+def _lerp(x: Tensor, y: Tensor, w: Any) -> Tensor:
+    """``torch.lerp(x, y, w)`` in ``x``'s dtype; exact at ``w = 0`` (``x``) and ``w = 1`` (``y``).
 
-    if isinstance(value, Mapping):
-        check_per_tensor(fn, name, value, keys)
-        bad = [k for k, v in value.items() if not ok(v)]
-        if bad:
-            raise TypeError(
-                f"{fn}: {name} must map keys to real numbers or 0-d tensors, got "
-                f"{describe(value[bad[0]])} at key {bad[0]!r}"
-            )
-    elif not ok(value):
-        raise TypeError(
-            f"{fn}: {name} must be a real number, a 0-d tensor or a dict of them per key, "
-            f"got {describe(value)}"
-        )
+    A tensor ``w`` is applied in the compute dtype (at least float32, wider if ``w`` is) and the
+    result cast back to ``x.dtype``, so a float32 0-d weight leaves a bf16 leaf bf16.
+    """
+    if not isinstance(w, Tensor):
+        return torch.lerp(x, y, w)
+    acc = compute_dtype(x, w)
+    return torch.lerp(x.to(acc), y.to(acc), w.to(device=x.device, dtype=acc)).to(x.dtype)
 
 
-def scale(tree: Mapping[str, Tensor], factor: Any) -> dict[str, Tensor]:
-    """Multiply every tensor by ``factor`` (a scalar, a 0-d tensor, or a dict per key).
+def scale(tree: Params, factor: PerTensor[Scalar]) -> dict[str, Tensor]:
+    """Multiply every tensor by ``factor`` (a number, a 0-d tensor, or a dict per key).
+
+    .. math:: \\mathrm{scale}(\\theta, c)_k = c_k\\,\\theta_k
+
+    Every leaf keeps its dtype, also with a 0-d tensor factor of another dtype (the product is
+    formed in at least float32 and cast back: a bf16 ``logit_scale`` stays bf16). A Python or
+    NumPy number goes through one ``torch._foreach_mul`` per device/dtype group.
+
+    Args:
+        tree: a tree of floating-point tensors.
+        factor: :math:`c`: a finite real number (Python or NumPy), a 0-d floating tensor
+            (values not read; may carry gradients), or a dict of them with exactly the tree's keys.
+
+    Returns:
+        A new tree with ``tree``'s keys, shapes and dtypes.
+
+    Raises:
+        TypeError: a non-tree, non-floating leaves, or a ``factor`` of another type.
+        ValueError: a non-finite number, or a ``factor`` dict with other keys.
 
     >>> scale({"a": torch.tensor([1.0]), "b": torch.tensor([2.0])}, {"a": 2.0, "b": -1.0})
     {'a': tensor([2.]), 'b': tensor([-2.])}
     """
-    check_tree(tree, fn="tree.scale")
-    _check_factor("tree.scale", "factor", factor, list(tree))
-    if isinstance(factor, Mapping):
-        return {k: v * factor[k] for k, v in tree.items()}
+    check_floating_tree("tree.scale", "tree", tree)
+    f = check_per_tensor_scalar("tree.scale", "factor", factor, list(tree))
+    if isinstance(f, dict):
+        return {k: _mul(v, f[k]) for k, v in tree.items()}
     out: dict[str, Tensor] = {}
     for keys in _groups([tree]):
         xs = [tree[k] for k in keys]
-        if _is_python_scalar(factor) and _foreach_ok(xs):
-            out.update(zip(keys, torch._foreach_mul(xs, factor)))
+        if not isinstance(f, Tensor) and foreach_ok(xs):
+            out.update(zip(keys, torch._foreach_mul(xs, f)))
         else:
-            out.update((k, x * factor) for k, x in zip(keys, xs))
+            out.update((k, _mul(x, f)) for k, x in zip(keys, xs))
     return {k: out[k] for k in tree}
 
 
-def lerp(start: Mapping[str, Tensor], end: Mapping[str, Tensor], weight: Any) -> dict[str, Tensor]:
+def lerp(start: Params, end: Params, weight: PerTensor[Scalar]) -> dict[str, Tensor]:
     """Key-wise linear interpolation ``start + weight * (end - start)``.
 
     .. math:: \\mathrm{lerp}(a, b, w)_k = a_k + w_k\\,(b_k - a_k)
 
+    Computed as ``torch.lerp``, exact at both ends: ``weight = 0`` returns ``start``'s values and
+    ``weight = 1`` ``end``'s, bit for bit, for a number, a 0-d tensor and a per-key dict alike.
+    Every leaf keeps its dtype (a 0-d tensor weight is applied in at least float32 and the result
+    cast back). A number goes through one ``torch._foreach_lerp`` per device/dtype group.
+
     Args:
-        start: tree ``a`` (returned at ``weight = 0``).
+        start: tree ``a`` of floating-point tensors (returned at ``weight = 0``).
         end: tree ``b`` with the same keys, shapes and dtypes (returned at ``weight = 1``).
-        weight: a real number, a 0-d tensor, or a dict of them with the trees' keys.
+        weight: :math:`w`: a finite real number (Python or NumPy), a 0-d floating tensor, or a
+            dict of them with the trees' keys. Values outside ``[0, 1]`` extrapolate.
 
     Returns:
         A new tree; inputs are not modified.
 
+    Raises:
+        TypeError: non-trees, non-floating leaves, differing dtypes, a bad ``weight`` type.
+        ValueError: differing keys or shapes, a non-finite weight, a dict with other keys.
+
     >>> lerp({"w": torch.tensor([0.0, 2.0])}, {"w": torch.tensor([4.0, 6.0])}, 0.25)
     {'w': tensor([1., 3.])}
     """
+    check_floating_tree("tree.lerp", "start", start)
+    check_floating_tree("tree.lerp", "end", end)
     check_same_structure(start, end, what="tree.lerp", names=("start", "end"))
-    _check_factor("tree.lerp", "weight", weight, list(start))
+    w = check_per_tensor_scalar("tree.lerp", "weight", weight, list(start))
+    if isinstance(w, dict):
+        return {k: _lerp(x, end[k], w[k]) for k, x in start.items()}
     out: dict[str, Tensor] = {}
     for keys in _groups([start, end]):
         xs, ys = [start[k] for k in keys], [end[k] for k in keys]
-        if _is_python_scalar(weight) and _foreach_ok(xs + ys):
-            out.update(zip(keys, torch._foreach_lerp(xs, ys, float(weight))))
+        if not isinstance(w, Tensor) and foreach_ok(xs + ys):
+            out.update(zip(keys, torch._foreach_lerp(xs, ys, w)))
         else:
-            for k, x, y in zip(keys, xs, ys):
-                w = weight[k] if isinstance(weight, Mapping) else weight
-                out[k] = x + w * (y - x) if isinstance(w, Tensor) else torch.lerp(x, y, float(w))
+            out.update((k, _lerp(x, y, w)) for k, x, y in zip(keys, xs, ys))
     return {k: out[k] for k in start}
 
 
-def lerp_(
-    start: Mapping[str, Tensor], end: Mapping[str, Tensor], weight: Any
-) -> Mapping[str, Tensor]:
+def lerp_(start: Params, end: Params, weight: PerTensor[Scalar]) -> Params:
     """In place: ``start[k] += weight * (end[k] - start[k])`` for every key; returns ``start``.
 
     Only ``start``'s tensors are written. ``end`` may have another floating dtype than ``start``
     (e.g. bf16 parameters folded into float32 accumulators) or live on another device: it is then
     converted one tensor at a time, and large contiguous tensors one chunk at a time (2**20
     elements on CPU, 2**24 on accelerators), so the extra memory is at most one tensor and at most
-    one chunk.
+    one chunk. Exact at ``weight = 0`` and ``1`` like :func:`lerp`; a 0-d tensor weight is applied
+    in at least float32 (a bf16 ``start`` leaf then goes through one float32 temporary).
+
+    Args:
+        start: the tree written in place (floating-point tensors).
+        end: a tree with the same keys and shapes, any floating dtype and device.
+        weight: as in :func:`lerp`.
+
+    Returns:
+        ``start`` itself.
+
+    Raises:
+        TypeError: non-trees, non-floating leaves, a bad ``weight`` type.
+        ValueError: differing keys or shapes, a non-finite weight, a dict with other keys.
 
     >>> acc = {"w": torch.tensor([0.0, 2.0])}
     >>> _ = lerp_(acc, {"w": torch.tensor([4.0, 6.0])}, 0.5)
     >>> acc
     {'w': tensor([2., 4.])}
     """
+    check_floating_tree("tree.lerp_", "start", start)
+    check_floating_tree("tree.lerp_", "end", end)
     check_same_structure(start, end, what="tree.lerp_", names=("start", "end"), dtypes=False)
-    _check_factor("tree.lerp_", "weight", weight, list(start))
+    w = check_per_tensor_scalar("tree.lerp_", "weight", weight, list(start))
     for keys in _groups([start, end]):
         xs, ys = [start[k] for k in keys], [end[k] for k in keys]
         same = xs[0].dtype == ys[0].dtype and xs[0].device == ys[0].device
-        if same and _is_python_scalar(weight) and _foreach_ok(xs + ys):
-            torch._foreach_lerp_(xs, ys, float(weight))
+        if same and isinstance(w, float) and foreach_ok(xs + ys):
+            torch._foreach_lerp_(xs, ys, w)
             continue
         for k, x, y in zip(keys, xs, ys):
-            w = weight[k] if isinstance(weight, Mapping) else weight
-            if isinstance(w, Tensor):
-                y = y.to(device=x.device, dtype=x.dtype)
-                x.add_(w * (y - x))
+            wk = w[k] if isinstance(w, dict) else w
+            if isinstance(wk, Tensor):
+                _lerp_tensor_(x, y, wk)
             else:
-                _lerp_converted_(x, y, float(w))
+                _lerp_converted_(x, y, wk)
     return start
+
+
+def _lerp_tensor_(x: Tensor, y: Tensor, w: Tensor) -> None:
+    """``x <- lerp(x, y, w)`` for a 0-d tensor ``w``, in the compute dtype of ``x`` and ``w``."""
+    acc = compute_dtype(x, w)
+    if acc == x.dtype:
+        x.lerp_(y.to(device=x.device, dtype=acc), w.to(device=x.device, dtype=acc))
+    else:
+        x.copy_(_lerp(x, y.to(device=x.device, dtype=x.dtype), w))
 
 
 _CONVERT_CHUNK = {"cpu": 1 << 20}
@@ -215,11 +254,11 @@ def _lerp_converted_(x: Tensor, y: Tensor, w: float) -> None:
     chunk = _CONVERT_CHUNK.get(x.device.type, 1 << 24)
     chunked = (
         n > chunk
-        and type(x) in (Tensor, torch.nn.Parameter)
-        and type(y) in (Tensor, torch.nn.Parameter)
+        and plain_tensor(x)
+        and plain_tensor(y)
         and x.is_contiguous()
         and y.is_contiguous()
-        and _foreach_ok([x, y])
+        and foreach_ok([x, y])
     )
     if not chunked:
         x.lerp_(y.to(device=x.device, dtype=x.dtype), w)
@@ -230,7 +269,7 @@ def _lerp_converted_(x: Tensor, y: Tensor, w: float) -> None:
         xf[i:j].lerp_(yf[i:j].to(device=x.device, dtype=x.dtype), w)
 
 
-def copy_(dst: Mapping[str, Tensor], src: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+def copy_(dst: Params, src: Params) -> Params:
     """In place: copy ``src`` into ``dst`` key by key (dtype/device converted); returns ``dst``.
 
     >>> d = {"w": torch.zeros(2)}
@@ -240,7 +279,7 @@ def copy_(dst: Mapping[str, Tensor], src: Mapping[str, Tensor]) -> Mapping[str, 
     check_same_structure(dst, src, what="tree.copy_", names=("dst", "src"), dtypes=False)
     for keys in _groups([dst, src]):
         xs, ys = [dst[k] for k in keys], [src[k] for k in keys]
-        if _foreach_ok(xs + ys):
+        if foreach_ok(xs + ys):
             torch._foreach_copy_(xs, ys)
         else:
             for x, y in zip(xs, ys):
@@ -258,7 +297,13 @@ def _stack_sum(values: list[Tensor]) -> Tensor:
     return total
 
 
-def sq_norm(tree: Mapping[str, Tensor], *, per_tensor: bool = False) -> Any:
+@overload
+def sq_norm(tree: Params, *, per_tensor: Literal[False] = False) -> Tensor: ...
+@overload
+def sq_norm(tree: Params, *, per_tensor: Literal[True]) -> dict[str, Tensor]: ...
+@overload
+def sq_norm(tree: Params, *, per_tensor: bool) -> Tensor | dict[str, Tensor]: ...
+def sq_norm(tree: Params, *, per_tensor: bool = False) -> Tensor | dict[str, Tensor]:
     """Squared L2 norm: of the whole tree (0-d) or of each tensor (a dict of 0-d tensors).
 
     .. math:: \\|\\theta\\|^2 = \\sum_k \\|\\theta_k\\|_F^2
@@ -272,32 +317,33 @@ def sq_norm(tree: Mapping[str, Tensor], *, per_tensor: bool = False) -> Any:
     >>> sq_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}, per_tensor=True)
     {'a': tensor(9.), 'b': tensor(16.)}
     """
-    check_tree(tree, fn="tree.sq_norm")
-    norms = _norms(tree, "tree.sq_norm")
+    check_floating_tree("tree.sq_norm", "tree", tree)
+    norms = _norms(tree)
     squares = {k: n * n for k, n in norms.items()}
     if per_tensor:
         return squares
     return _stack_sum(list(squares.values()))
 
 
-def _norms(tree: Mapping[str, Tensor], fn: str) -> dict[str, Tensor]:
-    bad = [k for k, v in tree.items() if not v.is_floating_point()]
-    if bad:
-        raise TypeError(
-            f"{fn}: tree must hold floating-point tensors, got {tree[bad[0]].dtype} at keys {bad[:10]!r}"
-        )
+def _norms(tree: Params) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for keys in _groups([tree]):
         xs = [tree[k] for k in keys]
-        acc = accumulation_dtype(xs[0].dtype)
-        if _foreach_ok(xs) and type(xs[0]) in (Tensor, torch.nn.Parameter):
+        acc = compute_dtype(xs[0].dtype)
+        if foreach_ok(xs) and plain_tensor(xs[0]):
             out.update(zip(keys, torch._foreach_norm(xs, 2, dtype=acc)))
         else:
             out.update((k, torch.linalg.vector_norm(x, dtype=acc)) for k, x in zip(keys, xs))
     return {k: out[k] for k in tree}
 
 
-def norm(tree: Mapping[str, Tensor], *, per_tensor: bool = False) -> Any:
+@overload
+def norm(tree: Params, *, per_tensor: Literal[False] = False) -> Tensor: ...
+@overload
+def norm(tree: Params, *, per_tensor: Literal[True]) -> dict[str, Tensor]: ...
+@overload
+def norm(tree: Params, *, per_tensor: bool) -> Tensor | dict[str, Tensor]: ...
+def norm(tree: Params, *, per_tensor: bool = False) -> Tensor | dict[str, Tensor]:
     """L2 norm: of the whole tree (the norm of all entries flattened and concatenated) or per tensor.
 
     The global norm is computed as the norm of the per-tensor norms, so its gradient is finite
@@ -306,8 +352,8 @@ def norm(tree: Mapping[str, Tensor], *, per_tensor: bool = False) -> Any:
     >>> norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])})
     tensor(5.)
     """
-    check_tree(tree, fn="tree.norm")
-    norms = _norms(tree, "tree.norm")
+    check_floating_tree("tree.norm", "tree", tree)
+    norms = _norms(tree)
     if per_tensor:
         return norms
     if not norms:
@@ -317,20 +363,17 @@ def norm(tree: Mapping[str, Tensor], *, per_tensor: bool = False) -> Any:
     return torch.linalg.vector_norm(torch.stack([v.to(device) for v in vals]))
 
 
-def dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
+def dot(a: Params, b: Params) -> Tensor:
     """Inner product of two trees, ``sum_k <a_k, b_k>``, as a 0-d tensor (at least float32).
 
     >>> dot({"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 4.0])})
     tensor(11.)
     """
+    check_floating_tree("tree.dot", "a", a)
+    check_floating_tree("tree.dot", "b", b)
     check_same_structure(a, b, what="tree.dot")
-    bad = [k for k, v in a.items() if not v.is_floating_point()]
-    if bad:
-        raise TypeError(
-            f"tree.dot: trees must be floating-point, got {a[bad[0]].dtype} at keys {bad[:10]!r}"
-        )
     terms = []
     for k in a:
-        acc = accumulation_dtype(a[k].dtype)
+        acc = compute_dtype(a[k].dtype)
         terms.append(torch.sum(a[k].to(acc) * b[k].to(acc)))
     return _stack_sum(terms)

@@ -4,104 +4,76 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from typing import Union
 
 from torch import Tensor
 
-from robustft._checks import describe
-from robustft.tree._structure import _fmt_keys, check_tree
+from robustft._checks import describe, fmt_keys
+from robustft.tree._structure import check_tree
+from robustft.typing import Params
 
 __all__ = ["Where", "combine", "partition", "select"]
 
 Where = Union[str, "re.Pattern[str]", Callable[[str], bool], Collection[str]]
-"""What :func:`partition` accepts to choose keys: a glob pattern, a compiled regex (searched), a
-predicate on the name, or a collection of exact names (e.g. another tree, or the list returned by
-:func:`robustft.clip.norm_affine_names`)."""
+"""What :func:`select` and :func:`partition` accept to choose keys (one grammar for both):
+
+- a ``str``: a name or a glob pattern (``fnmatch``, case-sensitive, ``*`` crosses dots);
+- a compiled regex (``re.compile(...)``), searched in each name (``re.search``);
+- a collection of ``str`` (a list, a set, another tree's keys, the list returned by
+  :func:`robustft.clip.norm_affine_names`): each entry a name or a glob, a key is chosen when it
+  matches any entry;
+- a callable ``(name) -> bool``.
+
+A name, glob or regex that matches no key raises ``ValueError`` listing every such entry, so a
+typo never silently selects nothing; a predicate may select nothing (use one for optional
+selections). An entry matches the key equal to it, and every key its glob pattern matches."""
+
+
+def _matches(entry: str, key: str) -> bool:
+    return key == entry or fnmatch.fnmatchcase(key, entry)
 
 
 def _predicate(where: object, keys: Collection[str], fn: str) -> Callable[[str], bool]:
+    """The key predicate of a :data:`Where`, after checking every pattern matches some key."""
     if isinstance(where, str):
-        return lambda k: fnmatch.fnmatchcase(k, where)
-    if isinstance(where, re.Pattern):
-        return lambda k: where.search(k) is not None
-    if callable(where):
-        return where
-    if isinstance(where, Collection):
-        names = set(where)
-        non_str = [n for n in names if not isinstance(n, str)]
-        if non_str:
-            raise TypeError(f"{fn}: where must contain str names, got {non_str[:5]!r}")
-        unknown = names - set(keys)
-        if unknown:
+        entries: list[str] = [where]
+    elif isinstance(where, re.Pattern):
+        if not isinstance(where.pattern, str):
+            raise TypeError(f"{fn}: where must be a str regex, got bytes pattern {where.pattern!r}")
+        if not any(where.search(k) is not None for k in keys):
             raise ValueError(
-                f"{fn}: where names keys that are not in the tree: {_fmt_keys(unknown)}"
+                f"{fn}: where must match at least one key, got regex {where.pattern!r} that "
+                f"matches none of the {len(keys)} key(s)"
             )
-        return names.__contains__
-    raise TypeError(
-        f"{fn}: where must be a glob str, a compiled regex, a predicate on names or a collection "
-        f"of names, got {describe(where)}"
-    )
-
-
-def select(
-    tree: Mapping[str, Tensor],
-    *patterns: str,
-    regex: str | re.Pattern[str] | None = None,
-    predicate: Callable[[str], bool] | None = None,
-) -> dict[str, Tensor]:
-    """The sub-tree of keys matching any of the given criteria.
-
-    A key is kept if it matches any glob in ``patterns`` (``fnmatch``, case-sensitive, ``*``
-    crosses dots), or ``regex`` (``re.search``), or ``predicate(name)`` is true.
-
-    Args:
-        tree: a parameter tree.
-        *patterns: glob patterns such as ``"visual.*"`` or ``"*.ln_*.weight"``.
-        regex: a regular expression searched in each name.
-        predicate: a function of the name.
-
-    Returns:
-        A new ``dict`` with the matching keys, in ``tree``'s order (same tensors, no copy).
-
-    Raises:
-        ValueError: if no criterion is given.
-
-    >>> t = {"visual.ln.weight": torch.ones(1), "visual.proj": torch.ones(1), "head": torch.ones(1)}
-    >>> list(select(t, "visual.*"))
-    ['visual.ln.weight', 'visual.proj']
-    >>> list(select(t, regex=r"\\bln\\b", predicate=lambda k: k == "head"))
-    ['visual.ln.weight', 'head']
-    """
-    check_tree(tree, fn="tree.select")
-    if not patterns and regex is None and predicate is None:
-        raise ValueError(
-            "tree.select: give at least one glob pattern, regex or predicate, got none"
-        )
-    bad = [p for p in patterns if not isinstance(p, str)]
-    if bad:
-        raise TypeError(f"tree.select: patterns must be glob strs, got {describe(bad[0])}")
-    if regex is not None and not isinstance(regex, (str, re.Pattern)):
+        return lambda k: where.search(k) is not None
+    elif callable(where):
+        return lambda k: bool(where(k))
+    elif isinstance(where, Collection) and not isinstance(where, (bytes, bytearray)):
+        entries = list(where)
+        non_str = [e for e in entries if not isinstance(e, str)]
+        if non_str:
+            raise TypeError(
+                f"{fn}: where must be a collection of str names or globs, got entries "
+                f"{non_str[:5]!r}"
+            )
+    else:
         raise TypeError(
-            f"tree.select: regex must be a str or compiled pattern, got {describe(regex)}"
+            f"{fn}: where must be a name or glob str, a compiled regex, a predicate on names or "
+            f"a collection of names/globs, got {describe(where)}"
         )
-    if predicate is not None and not callable(predicate):
-        raise TypeError(f"tree.select: predicate must be callable, got {describe(predicate)}")
-    rx = re.compile(regex) if isinstance(regex, str) else regex
-
-    def keep(k: str) -> bool:
-        return (
-            any(fnmatch.fnmatchcase(k, p) for p in patterns)
-            or (rx is not None and rx.search(k) is not None)
-            or (predicate is not None and bool(predicate(k)))
+    unmatched = [e for e in entries if not any(_matches(e, k) for k in keys)]
+    if unmatched:
+        raise ValueError(
+            f"{fn}: where must match at least one key with every name or glob, got entries "
+            f"that match none of the {len(keys)} key(s): {fmt_keys(unmatched)}"
         )
+    exact = set(entries)
+    globs = [e for e in entries if any(c in e for c in "*?[")]
+    return lambda k: k in exact or any(fnmatch.fnmatchcase(k, g) for g in globs)
 
-    return {k: v for k, v in tree.items() if keep(k)}
 
-
-def partition(
-    tree: Mapping[str, Tensor], where: Where
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def partition(tree: Params, where: Where) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Split a tree in two: the keys chosen by ``where`` and the rest (equinox's ``partition``).
 
     Typical use: train a subset (UEO's norm affines, a head) and keep the rest frozen, then
@@ -109,11 +81,18 @@ def partition(
 
     Args:
         tree: a parameter tree.
-        where: a glob str, a compiled regex (searched), a predicate on the name, or a collection
-            of exact names (every name must be a key of ``tree``).
+        where: a :data:`Where`: a name or glob ``str``, a compiled regex, a collection of names
+            or globs, or a predicate on the name. Every name, glob and regex must match at
+            least one key.
 
     Returns:
-        ``(selected, rest)``: two disjoint dicts whose union is ``tree`` (same tensors, no copy).
+        ``(selected, rest)``: two disjoint dicts whose union is ``tree``, each in ``tree``'s key
+        order (the same tensors, no copy).
+
+    Raises:
+        TypeError: a non-tree, or a ``where`` of another type (or a collection with non-str
+            entries).
+        ValueError: a name, glob or regex that matches no key (all such entries are listed).
 
     >>> t = {"a.w": torch.ones(1), "a.b": torch.ones(1), "c": torch.ones(1)}
     >>> sel, rest = partition(t, "a.*")
@@ -121,9 +100,17 @@ def partition(
     (['a.w', 'a.b'], ['c'])
     >>> combine(sel, rest).keys() == t.keys()
     True
+    >>> partition(t, ["c", "a.x"])
+    Traceback (most recent call last):
+    ...
+    ValueError: tree.partition: where must match at least one key with every name or glob, got entries that match none of the 3 key(s): ['a.x']
     """
-    check_tree(tree, fn="tree.partition")
-    keep = _predicate(where, tree.keys(), "tree.partition")
+    return _partition(tree, where, "tree.partition")
+
+
+def _partition(tree: Params, where: Where, fn: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    check_tree(tree, fn=fn)
+    keep = _predicate(where, list(tree), fn)
     selected: dict[str, Tensor] = {}
     rest: dict[str, Tensor] = {}
     for k, v in tree.items():
@@ -131,7 +118,32 @@ def partition(
     return selected, rest
 
 
-def combine(*trees: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def select(tree: Params, where: Where) -> dict[str, Tensor]:
+    """The sub-tree of the keys chosen by ``where``: the first half of :func:`partition`.
+
+    Args:
+        tree: a parameter tree.
+        where: a :data:`Where`, exactly as :func:`partition` takes it.
+
+    Returns:
+        A new ``dict`` with the chosen keys in ``tree``'s order (the same tensors, no copy).
+
+    Raises:
+        TypeError: a non-tree or a ``where`` of another type.
+        ValueError: a name, glob or regex that matches no key.
+
+    >>> t = {"visual.ln.weight": torch.ones(1), "visual.proj": torch.ones(1), "head": torch.ones(1)}
+    >>> list(select(t, "visual.*"))
+    ['visual.ln.weight', 'visual.proj']
+    >>> list(select(t, ["head", "*.ln.*"]))
+    ['visual.ln.weight', 'head']
+    >>> list(select(t, re.compile(r"\\bproj$")))
+    ['visual.proj']
+    """
+    return _partition(tree, where, "tree.select")[0]
+
+
+def combine(*trees: Params) -> dict[str, Tensor]:
     """Merge disjoint trees into one (the inverse of :func:`partition`).
 
     Raises:
@@ -146,7 +158,7 @@ def combine(*trees: Mapping[str, Tensor]) -> dict[str, Tensor]:
         overlap = [k for k in t if k in out]
         if overlap:
             raise ValueError(
-                f"tree.combine: trees must be disjoint, got keys present twice {_fmt_keys(overlap)} "
+                f"tree.combine: trees must be disjoint, got keys present twice {fmt_keys(overlap)} "
                 f"(in trees[{i}] and an earlier tree)"
             )
         out.update(t)

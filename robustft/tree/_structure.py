@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from robustft._checks import describe
+from robustft._checks import check_device, check_tensor_tree, describe, fmt_keys
+from robustft.typing import Device, Params
 
 __all__ = [
     "cast",
@@ -21,14 +21,7 @@ __all__ = [
 ]
 
 
-def _fmt_keys(keys: Iterable[str], limit: int = 10) -> str:
-    keys = sorted(keys)
-    if len(keys) <= limit:
-        return repr(keys)
-    return repr(keys[:limit])[:-1] + f", ... ({len(keys) - limit} more)]"
-
-
-def check_tree(tree: Any, *, fn: str, name: str = "tree") -> Mapping[str, Tensor]:
+def check_tree(tree: object, *, fn: str, name: str = "tree") -> Params:
     """Check ``tree`` is a ``Mapping[str, Tensor]``; return it unchanged.
 
     Args:
@@ -43,27 +36,12 @@ def check_tree(tree: Any, *, fn: str, name: str = "tree") -> Mapping[str, Tensor
     >>> check_tree({"w": torch.zeros(2)}, fn="demo")["w"].shape
     torch.Size([2])
     """
-    if not isinstance(tree, Mapping):
-        raise TypeError(
-            f"{fn}: {name} must be a mapping from parameter names to tensors "
-            f"(e.g. dict(model.named_parameters())), got {describe(tree)}"
-        )
-    bad_keys = [k for k in tree if not isinstance(k, str)]
-    if bad_keys:
-        raise TypeError(f"{fn}: {name} must have str keys, got non-str keys {bad_keys[:10]!r}")
-    bad = [k for k, v in tree.items() if not isinstance(v, Tensor)]
-    if bad:
-        kinds = sorted({type(tree[k]).__name__ for k in bad})
-        raise TypeError(
-            f"{fn}: {name} must have torch.Tensor leaves, got non-tensor leaves "
-            f"({', '.join(kinds)}) at keys {_fmt_keys(bad)}"
-        )
-    return tree
+    return check_tensor_tree(fn, name, tree)
 
 
 def check_same_structure(
-    a: Mapping[str, Tensor],
-    b: Mapping[str, Tensor],
+    a: Params,
+    b: Params,
     *,
     what: str,
     names: tuple[str, str] = ("a", "b"),
@@ -104,8 +82,8 @@ def check_same_structure(
     if missing or unexpected:
         rel = "all the keys of" if subset else "the same keys as"
         raise ValueError(
-            f"{what}: {nb} must have {rel} {na}; missing keys {_fmt_keys(missing)}, "
-            f"unexpected keys {_fmt_keys(unexpected)}"
+            f"{what}: {nb} must have {rel} {na}; missing keys {fmt_keys(missing)}, "
+            f"unexpected keys {fmt_keys(unexpected)}"
         )
     if shapes:
         bad = [k for k in a if a[k].shape != b[k].shape]
@@ -115,7 +93,7 @@ def check_same_structure(
             )
             raise ValueError(
                 f"{what}: {na} and {nb} must have the same shape at every key, got "
-                f"mismatches at keys {_fmt_keys(bad)} ({detail})"
+                f"mismatches at keys {fmt_keys(bad)} ({detail})"
             )
     if dtypes:
         bad = [k for k in a if a[k].dtype != b[k].dtype]
@@ -123,13 +101,11 @@ def check_same_structure(
             detail = "; ".join(f"{k!r}: {a[k].dtype} vs {b[k].dtype}" for k in sorted(bad)[:5])
             raise TypeError(
                 f"{what}: {na} and {nb} must have the same dtype at every key, got "
-                f"mismatches at keys {_fmt_keys(bad)} ({detail}); use robustft.tree.cast first"
+                f"mismatches at keys {fmt_keys(bad)} ({detail}); use robustft.tree.cast first"
             )
 
 
-def map(
-    fn: Callable[..., Tensor], tree: Mapping[str, Tensor], *rest: Mapping[str, Tensor]
-) -> dict[str, Tensor]:
+def map(fn: Callable[..., Tensor], tree: Params, *rest: Params) -> dict[str, Tensor]:
     """Apply ``fn`` key by key: ``{k: fn(tree[k], *(r[k] for r in rest))}``.
 
     Args:
@@ -153,7 +129,7 @@ def map(
     return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
 
 
-def clone(tree: Mapping[str, Tensor], *, detach: bool = False) -> dict[str, Tensor]:
+def clone(tree: Params, *, detach: bool = False) -> dict[str, Tensor]:
     """Copy every tensor of a tree (``Tensor.clone``; with ``detach=True``, ``detach().clone()``).
 
     Without ``detach`` the copies stay in the autograd graph, like ``Tensor.clone``. Use
@@ -169,9 +145,7 @@ def clone(tree: Mapping[str, Tensor], *, detach: bool = False) -> dict[str, Tens
     return {k: v.clone() for k, v in tree.items()}
 
 
-def zeros_like(
-    tree: Mapping[str, Tensor], *, dtype: torch.dtype | None = None
-) -> dict[str, Tensor]:
+def zeros_like(tree: Params, *, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """A tree of zeros with the same keys, shapes and devices (and dtypes, unless ``dtype`` given).
 
     >>> zeros_like({"w": torch.ones(2)}, dtype=torch.float64)
@@ -186,9 +160,9 @@ def zeros_like(
 
 
 def cast(
-    tree: Mapping[str, Tensor],
+    tree: Params,
     dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
+    device: Device = None,
     *,
     floating_only: bool = True,
 ) -> dict[str, Tensor]:
@@ -204,10 +178,7 @@ def cast(
     check_tree(tree, fn="tree.cast")
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"tree.cast: dtype must be a torch.dtype or None, got {describe(dtype)}")
-    if device is not None and not isinstance(device, (torch.device, str)):
-        raise TypeError(
-            f"tree.cast: device must be a torch.device, str or None, got {describe(device)}"
-        )
+    device = check_device("tree.cast", "device", device)
     out = {}
     for k, v in tree.items():
         target = (

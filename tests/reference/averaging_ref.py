@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
+import scipy.special
 import scipy.stats
 import torch
 from torch import Tensor
@@ -19,6 +21,25 @@ def beta_weights_ref(total_steps: int, beta: float) -> list[float]:
     """alpha_t = BetaPDF_{beta,beta}((t + 0.5) / (T + 1)), t = 0..T (CLIPood's code uses scipy)."""
     dist = scipy.stats.beta(beta, beta)
     return [float(dist.pdf((t + 0.5) / (total_steps + 1))) for t in range(total_steps + 1)]
+
+
+def beta_weights_logspace_ref(total_steps: int, beta: float) -> list[float]:
+    """alpha_t from the log density written out with scipy's betaln (no pdf underflow shortcuts)."""
+    x = (np.arange(total_steps + 1) + 0.5) / (total_steps + 1)
+    logs = (beta - 1.0) * (np.log(x) + np.log1p(-x)) - scipy.special.betaln(beta, beta)
+    return [float(v) for v in np.exp(logs)]
+
+
+def bma_logspace_ref(trajectory: Sequence[Tree], total_steps: int, beta: float) -> Tree:
+    """The closed form with weights normalised from scipy's log density (any beta, no underflow).
+
+    ``softmax(logpdf)`` over the steps seen: the same weighted mean as :func:`bma_ref` where the
+    density is representable, and still defined where every weight underflows in float64.
+    """
+    t = np.arange(len(trajectory))
+    logs = scipy.stats.beta(beta, beta).logpdf((t + 0.5) / (total_steps + 1))
+    w = np.exp(logs - logs.max())
+    return weighted_mean_ref(trajectory, [float(v) for v in w / w.sum()])
 
 
 def weighted_mean_ref(trajectory: Sequence[Tree], weights: Sequence[float]) -> Tree:

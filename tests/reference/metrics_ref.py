@@ -125,3 +125,34 @@ def mcm_ref(
             cos.append(sum(a * b for a, b in zip(f, t)) / (nf * nt) / temperature)
         out.append(max(_softmax(cos)))
     return out
+
+
+def harmonic_mean_ref(a: float, b: float) -> float:
+    """2ab / (a + b) with exact rational arithmetic (finite inputs), 0 when a + b = 0."""
+    fa, fb = Fraction(a), Fraction(b)
+    return 0.0 if fa + fb == 0 else float(2 * fa * fb / (fa + fb))
+
+
+def energy_gap_ref(
+    features: torch.Tensor,
+    reference_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: float = 100.0,
+) -> list[float]:
+    """Per image: (1 / 2N) sum_n (s <f/|f|, t_n/|t_n|> - s <f0/|f0|, t_n/|t_n|>)^2, in loops."""
+
+    def unit(row: list[float]) -> list[float]:
+        norm = math.sqrt(sum(v * v for v in row))
+        return [v / norm for v in row]
+
+    texts = [unit(t) for t in _rows(text_features)]
+    out = []
+    for f, f0 in zip(_rows(features), _rows(reference_features)):
+        uf, uf0 = unit(f), unit(f0)
+        total = 0.0
+        for t in texts:
+            a = logit_scale * sum(x * y for x, y in zip(uf, t))
+            b = logit_scale * sum(x * y for x, y in zip(uf0, t))
+            total += (a - b) ** 2
+        out.append(total / (2 * len(texts)))
+    return out

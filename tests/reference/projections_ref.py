@@ -1,6 +1,6 @@
 """Naive references for robustft.projections, written from the papers with explicit branches.
 
-The projections use ``if norm > radius`` (the form the TPGM paper states), per-row Python loops for
+WiSE-FT and the soups are in merging_ref.py. The projections use ``if norm > radius`` (the form the TPGM paper states), per-row Python loops for
 MARS, float64 throughout: no code path shared with the branch-free library kernels.
 """
 
@@ -14,10 +14,6 @@ from torch import Tensor
 Tree = dict[str, Tensor]
 
 
-def wise_ref(anchor: Tree, params: Tree, alpha: float) -> Tree:
-    return {k: (1 - alpha) * anchor[k].double() + alpha * params[k].double() for k in anchor}
-
-
 def l2_ball_ref(params: Tree, anchor: Tree, radius: float) -> Tree:
     out = {}
     for k in params:
@@ -28,7 +24,8 @@ def l2_ball_ref(params: Tree, anchor: Tree, radius: float) -> Tree:
     return out
 
 
-def mars_ball_ref(params: Tree, anchor: Tree, radius: float) -> Tree:
+def mars_ball_ref(params: Tree, anchor: Tree, radius: float, cap: bool = True) -> Tree:
+    """``cap=False``: the official TPGM code's ``radius / (norm + 1e-8)``, rows scaled up too."""
     out = {}
     for k in params:
         p, a = params[k].double(), anchor[k].double()
@@ -40,6 +37,8 @@ def mars_ball_ref(params: Tree, anchor: Tree, radius: float) -> Tree:
             delta = rp - ra
             norm = float(delta.abs().sum())
             scale = radius / norm if norm > radius else 1.0
+            if not cap:  # the official code: no cap, a row inside the ball is scaled up
+                scale = radius / (norm + 1e-8)
             new_rows.append(ra + scale * delta)
         out[k] = torch.stack(new_rows).reshape(shape)
     return out

@@ -10,41 +10,44 @@ import torch
 from torch import Tensor
 
 from robustft import tree
-from robustft._checks import describe
-from robustft.averaging._kernel import check_params, fold, fold_
+from robustft._checks import check_floating_tree, describe, is_real_number
+from robustft._numerics import compute_dtype
+from robustft.typing import Params
+
+_HINT = (
+    "integer and bool buffers (e.g. BatchNorm's num_batches_tracked) cannot be averaged: leave "
+    "them out (robustft.tree.partition) and copy them yourself"
+)
 
 __all__ = ["greedy_soup", "uniform_soup"]
 
 
-def _check_candidates(fn: str, candidates: object) -> Sequence[Mapping[str, Tensor]]:
+def _check_candidates(fn: str, candidates: object) -> Sequence[Params]:
     if isinstance(candidates, Mapping) or not isinstance(candidates, Sequence):
         raise TypeError(
             f"{fn}: candidates must be a sequence of parameter trees, got {describe(candidates)}"
         )
     if len(candidates) == 0:
         raise ValueError(f"{fn}: candidates must hold at least one parameter tree, got none")
-    first = check_params(fn, candidates[0], "candidates[0]")
+    first = check_floating_tree(fn, "candidates[0]", candidates[0], hint=_HINT)
     for i, c in enumerate(candidates[1:], start=1):
-        check_params(fn, c, f"candidates[{i}]")
+        check_floating_tree(fn, f"candidates[{i}]", c, hint=_HINT)
         tree.check_same_structure(first, c, what=fn, names=("candidates[0]", f"candidates[{i}]"))
     return candidates
 
 
-def _accumulator(first: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def _accumulator(first: Params) -> dict[str, Tensor]:
     """A detached copy of ``first`` in at least float32."""
     with torch.no_grad():
-        return {
-            k: v.detach().to(dtype=tree.accumulation_dtype(v.dtype), copy=True)
-            for k, v in first.items()
-        }
+        return {k: v.detach().to(dtype=compute_dtype(v.dtype), copy=True) for k, v in first.items()}
 
 
-def _cast_back(acc: Mapping[str, Tensor], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def _cast_back(acc: Params, like: Params) -> dict[str, Tensor]:
     """``acc`` in ``like``'s dtypes (no copy where they already match)."""
     return {k: v.to(like[k].dtype) for k, v in acc.items()}
 
 
-def uniform_soup(candidates: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+def uniform_soup(candidates: Sequence[Params]) -> dict[str, Tensor]:
     r"""The uniform soup: the mean of the candidates' parameters.
 
     .. math:: \theta_{\mathrm{soup}} = \frac{1}{N}\sum_{i=1}^{N} \theta^{(i)}
@@ -73,16 +76,17 @@ def uniform_soup(candidates: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor
     """
     _check_candidates("uniform_soup", candidates)
     soup = _accumulator(candidates[0])
-    for i, c in enumerate(candidates[1:], start=1):
-        fold_(soup, c, 1.0 / (i + 1), fn="uniform_soup")
+    with torch.no_grad():
+        for i, c in enumerate(candidates[1:], start=1):
+            tree.lerp_(soup, c, 1.0 / (i + 1))
     return _cast_back(soup, candidates[0])
 
 
-def _trial(soup: dict[str, Tensor], cand: Mapping[str, Tensor], w: float) -> dict[str, Tensor]:
+def _trial(soup: dict[str, Tensor], cand: Params, w: float) -> dict[str, Tensor]:
     """The soup with ``cand`` folded in at weight ``w``, in ``cand``'s dtypes, one tensor at a time."""
-    if all(soup[k].dtype == v.dtype for k, v in cand.items()):
-        return fold(soup, cand, w, fn="greedy_soup")
     with torch.no_grad():
+        if all(soup[k].dtype == v.dtype and soup[k].device == v.device for k, v in cand.items()):
+            return tree.lerp(soup, cand, w)
         return {
             k: torch.lerp(a, cand[k].detach().to(device=a.device, dtype=a.dtype), w).to(
                 cand[k].dtype
@@ -97,7 +101,7 @@ def _score(
     value = evaluate(params)
     if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
         value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real_number(value):
         raise TypeError(
             f"greedy_soup: evaluate must return a real number (higher is better), got "
             f"{describe(value)} for {i}"
@@ -108,14 +112,17 @@ def _score(
 
 
 def greedy_soup(
-    candidates: Sequence[Mapping[str, Tensor]],
+    candidates: Sequence[Params],
     evaluate: Callable[[dict[str, Tensor]], Any],
     *,
     strict: bool = True,
 ) -> tuple[dict[str, Tensor], list[int]]:
     r"""The greedy soup: add candidates best-first while the held-out score of the mean improves.
 
-    Candidates are sorted by ``evaluate`` (descending; ties keep the input order). The soup
+    Candidates are sorted by ``evaluate``, best first; among equal scores the *earliest*
+    candidate comes first (a stable sort). The official code sorts ascending and reverses the
+    list, which puts the *latest* of tied candidates first: to reproduce it, pass
+    ``candidates[::-1]`` and map each kept index ``i`` back to ``len(candidates) - 1 - i``. The soup
     starts as the best candidate; each next candidate :math:`\theta^{(i)}` is tried as
 
     .. math:: \theta_{\mathrm{try}} = \frac{n}{n+1}\,\theta_{\mathrm{soup}} + \frac{1}{n+1}\,\theta^{(i)}
@@ -171,6 +178,7 @@ def greedy_soup(
                 soup = trial  # the trial is the new soup: nothing to recompute
             else:
                 trial = {}
-                fold_(soup, candidates[i], w, fn="greedy_soup")
+                with torch.no_grad():
+                    tree.lerp_(soup, candidates[i], w)
         trial = {}
     return _cast_back(soup, like), kept
