@@ -25,6 +25,7 @@ from robustft._checks import is_functorch_wrapped
 
 __all__ = [
     "compute_dtype",
+    "energy_gap_rows",
     "entropy",
     "foreach_ok",
     "full_precision",
@@ -144,3 +145,18 @@ def kl_rows(teacher: Tensor, student: Tensor) -> Tensor:
     log_p = torch.log_softmax(student, dim=-1)
     diff = torch.where(torch.isneginf(log_q), torch.zeros_like(log_q), log_q - log_p)
     return (log_q.exp() * diff).sum(-1)
+
+
+def energy_gap_rows(features: Tensor, reference: Tensor, texts: Tensor, scale: object) -> Tensor:
+    r"""Per-row Lipsum-FT energy gap :math:`\frac{s^2}{2M}\sum_m \langle \hat f - \hat f^0,
+    \hat t_m\rangle^2` in :func:`compute_dtype`, autocast off.
+
+    The one kernel of ``losses.energy_gap`` (the regulariser) and ``metrics.energy_gap`` (the
+    diagnostic); inputs are raw features (normalised here), ``scale`` a number or a 0-d tensor.
+    """
+    dtype = compute_dtype(features, reference, texts)
+    with full_precision(features, reference, texts):
+        delta = normalize(features, dtype) - normalize(reference, dtype)
+        inner = delta @ normalize(texts, dtype).T  # [batch, texts]
+        s = scale.to(dtype) if isinstance(scale, Tensor) else scale
+        return inner.square().sum(-1) * (s**2 / (2 * texts.shape[0]))  # type: ignore[operator]

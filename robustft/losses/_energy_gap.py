@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from robustft._checks import apply_reduction, check_reduction, check_same_size, check_scalar
-from robustft._numerics import compute_dtype, full_precision, normalize
+from robustft._numerics import energy_gap_rows
 from robustft.losses._common import check_features, check_pair, check_rows
 from robustft.typing import Reduction, Scalar
 
@@ -89,9 +89,5 @@ def energy_gap(
     check_rows(fn, "text_features", text_features, "text")
     logit_scale = check_scalar(fn, "logit_scale", logit_scale, positive=True)
     check_reduction(fn, reduction)
-    dtype = compute_dtype(features, reference_features, text_features)
-    with full_precision(features, reference_features, text_features):
-        delta = normalize(features, dtype) - normalize(reference_features.detach(), dtype)
-        inner = delta @ normalize(text_features, dtype).T  # [B, M]
-        per_sample = inner.square().sum(-1) * (logit_scale**2 / (2 * text_features.shape[0]))
+    per_sample = energy_gap_rows(features, reference_features.detach(), text_features, logit_scale)
     return apply_reduction(fn, per_sample, reduction)

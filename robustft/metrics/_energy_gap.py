@@ -12,7 +12,7 @@ from robustft._checks import (
     check_same_size,
     check_scalar,
 )
-from robustft._numerics import compute_dtype, full_precision, normalize
+from robustft._numerics import energy_gap_rows
 from robustft.typing import Reduction, Scalar
 
 __all__ = ["energy_gap"]
@@ -104,11 +104,8 @@ def energy_gap(
         )
     scale = check_scalar(fn, "logit_scale", logit_scale, positive=True)
     check_reduction(fn, reduction)
-    dtype = compute_dtype(features, reference_features, text_features)
-    with torch.no_grad(), full_precision(features, reference_features, text_features):
-        delta = normalize(features, dtype) - normalize(reference_features, dtype)
-        inner = delta @ normalize(text_features, dtype).T  # [batch, texts]
-        if isinstance(scale, Tensor):
-            scale = scale.detach().to(dtype)
-        per_image = inner.square().sum(-1) * (scale**2 / (2 * text_features.shape[0]))
+    if isinstance(scale, Tensor):
+        scale = scale.detach()
+    with torch.no_grad():
+        per_image = energy_gap_rows(features, reference_features, text_features, scale)
         return apply_reduction(fn, per_image, reduction)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from robustft._checks import check_floating, check_labels, check_number, check_tensor, describe
+from robustft._checks import check_floating, check_labels, check_number, check_tensor
 from robustft.typing import Scalar
 
 __all__ = [
@@ -129,14 +129,11 @@ def check_binary_targets(fn: str, scores: Tensor, is_positive: Tensor) -> tuple[
 
 
 def check_threshold(fn: str, threshold: Scalar) -> Scalar:
-    """A threshold is a real number or a 0-d floating tensor, never NaN (±inf allowed)."""
-    if isinstance(threshold, Tensor):
-        if threshold.ndim != 0 or not threshold.is_floating_point():
-            raise TypeError(
-                f"{fn}: threshold must be a real number or a 0-d floating tensor, got "
-                f"{describe(threshold)}"
-            )
-        if bool(torch.isnan(threshold)):
-            raise ValueError(f"{fn}: threshold must not be NaN, got {threshold}")
-        return threshold
-    return check_number(fn, "threshold", threshold, finite=False)
+    """A threshold is a real number or a 0-d floating tensor, never NaN (±inf allowed).
+
+    Metrics are eager code, so a tensor threshold's value is read to reject NaN.
+    """
+    value = check_number(fn, "threshold", threshold, allow_tensor=True, finite=False)
+    if isinstance(value, Tensor) and bool(torch.isnan(value)):
+        raise ValueError(f"{fn}: threshold must not be NaN, got {value}")
+    return value
