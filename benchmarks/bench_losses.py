@@ -23,7 +23,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustft.losses import energy_gap, l2sp, margin_metric_softmax, text_distances
+from robustft.losses import (
+    clip_contrastive,
+    energy_gap,
+    l2sp,
+    margin_metric_softmax,
+    orthogonality,
+    sigmoid_contrastive,
+    text_distances,
+)
 
 S = 100.0
 
@@ -134,6 +142,73 @@ def test_energy_gap_overhead_on_ce_step(compare: Any, sizes: dict[str, int]) -> 
         "CE step (trained head) fwd+bwd",
         baseline,
         target=1.5,
+        rounds=41,
+    )
+
+
+# ---------------------------------------------------------------- SigLIP and CaRot (issue 12)
+
+
+def _pairs(n: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(n["B"], n["D"], generator=g).requires_grad_(True)
+    t = torch.randn(n["B"], n["D"], generator=g).requires_grad_(True)
+    return f, t
+
+
+def test_sigmoid_contrastive_vs_open_clip_formula(compare: Any, sizes: dict[str, int]) -> None:
+    # open_clip's SigLipLoss._loss from the same raw features: a [B, B] label matrix 2I - 1
+    f, t = _pairs(sizes)
+
+    def kernel() -> Any:
+        loss = sigmoid_contrastive(f, t, logit_scale=10.0, logit_bias=-10.0)
+        return torch.autograd.grad(loss, (f, t))
+
+    def baseline() -> Any:
+        logits = 10.0 * F.normalize(f, dim=-1) @ F.normalize(t, dim=-1).T - 10.0
+        labels = 2 * torch.eye(f.shape[0]) - 1
+        loss = -F.logsigmoid(labels * logits).sum() / f.shape[0]
+        return torch.autograd.grad(loss, (f, t))
+
+    compare(
+        "sigmoid_contrastive fwd+bwd",
+        kernel,
+        "open_clip SigLipLoss formula",
+        baseline,
+        target=1.3,
+        rounds=41,
+    )
+
+
+def test_sigmoid_contrastive_vs_clip_contrastive(compare: Any, sizes: dict[str, int]) -> None:
+    f, t = _pairs(sizes)
+    compare(
+        "sigmoid_contrastive fwd+bwd",
+        lambda: torch.autograd.grad(
+            sigmoid_contrastive(f, t, logit_scale=10.0, logit_bias=-10.0), (f, t)
+        ),
+        "clip_contrastive fwd+bwd",
+        lambda: torch.autograd.grad(clip_contrastive(f, t, logit_scale=S), (f, t)),
+        target=None,
+        rounds=41,
+    )
+
+
+def test_orthogonality_vs_carot_code(compare: Any, request: pytest.FixtureRequest) -> None:
+    # ViT-B/16's visual.proj: [768, 512]; CaRot's code: ((proj.T @ proj - I)**2).sum()
+    shape = (16, 8) if request.config.getoption("benchmark_disable", False) else (768, 512)
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+
+    def baseline() -> Any:
+        covv = w.T @ w
+        return torch.autograd.grad(((covv - torch.eye(covv.shape[0])) ** 2).sum(), w)
+
+    compare(
+        "orthogonality fwd+bwd",
+        lambda: torch.autograd.grad(orthogonality(w), w),
+        "CaRot's ((WᵀW - I)**2).sum()",
+        baseline,
+        target=1.2,
         rounds=41,
     )
 

@@ -5,7 +5,8 @@ Issue 13's figures, for 1M samples x 1000 classes fed in batches of 1000:
 * peak memory allocated over the whole evaluation (every update and compute) <= 5 % of the
   logits' total size (4 GB in float32): the evaluation keeps per-sample scalars, not logits;
 * ``compute()`` time <= 2x the same metrics computed directly on the per-sample scalars
-  (accuracy, NLL, ECE, AUROC, FPR@95TPR, OS*/UNK/HOS), timed in the same run.
+  (accuracy, per-class accuracy, macro-F1, worst-group accuracy over 16 groups, NLL, ECE, AUROC,
+  AUPR-in/out, FPR@95TPR, OS*/UNK/HOS), timed in the same run.
 
 Smoke run (part of ``make test``; 40k samples in batches of 200, no timing)::
 
@@ -29,10 +30,19 @@ import torch
 from _memory import peak_alloc_bytes
 
 from robustft import scores
-from robustft.metrics import Evaluation, auroc, fpr_at_tpr, harmonic_mean
+from robustft.metrics import (
+    Evaluation,
+    EvaluationResult,
+    aupr_in,
+    aupr_out,
+    auroc,
+    fpr_at_tpr,
+    harmonic_mean,
+)
 
 POOL = 4
 THRESHOLD = 0.01
+GROUPS = 16
 
 
 @pytest.fixture
@@ -42,34 +52,40 @@ def sizes(request: pytest.FixtureRequest) -> dict[str, int]:
     return {"N": 1_000_000, "C": 1000, "B": 1000}
 
 
-def _pool(n: dict[str, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _pool(n: dict[str, int]) -> list[Batch]:
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(POOL):
         z = torch.randn(n["B"], n["C"], generator=g) * 3
         y = torch.randint(-n["C"] // 4, n["C"], (n["B"],), generator=g)  # 20 % unknown (< 0)
-        out.append((z, y))
+        groups = torch.randint(0, GROUPS, (n["B"],), generator=g)
+        out.append((z, y, groups))
     return out
 
 
-def _evaluate(pool: list[tuple[torch.Tensor, torch.Tensor]], n: dict[str, int]) -> Evaluation:
+def _evaluate(pool: list[Batch], n: dict[str, int]) -> Evaluation:
     ev = Evaluation(score="msp", threshold=THRESHOLD)
     for i in range(n["N"] // n["B"]):
-        z, y = pool[i % POOL]
-        ev.update(z, y)
+        z, y, groups = pool[i % POOL]
+        ev.update(z, y, groups=groups)
     return ev
 
 
-def _scalars(
-    pool: list[tuple[torch.Tensor, torch.Tensor]], n: dict[str, int]
-) -> dict[str, torch.Tensor]:
+def _scalars(pool: list[Batch], n: dict[str, int]) -> dict[str, torch.Tensor]:
     """The per-sample scalars, concatenated: what the baseline computes the metrics from."""
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("y", "ok", "conf", "nll", "s")}
+    names = ("y", "pred", "ok", "conf", "nll", "s", "g")
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in names}
     for i in range(n["N"] // n["B"]):
-        z, y = pool[i % POOL]
+        z, y, groups = pool[i % POOL]
         known = (y >= 0) & (y < n["C"])
+        pred = z.argmax(-1)
         parts["y"].append(y)
-        parts["ok"].append(known & (z.argmax(-1) == y))
+        parts["pred"].append(pred)
+        parts["g"].append(groups)
+        parts["ok"].append(known & (pred == y))
         parts["conf"].append(torch.softmax(z, -1).amax(-1))
         safe = torch.where(known, y, 0)
         parts["nll"].append(torch.nn.functional.cross_entropy(z, safe, reduction="none"))
@@ -78,23 +94,51 @@ def _scalars(
 
 
 def _metrics_on_scalars(t: dict[str, torch.Tensor], classes: int) -> list[torch.Tensor]:
-    """Accuracy, NLL, ECE (15 bins), AUROC, FPR@95, OS*/UNK/HOS straight from the scalars."""
+    """Every metric of EvaluationResult straight from the scalars (ECE with 15 bins)."""
     y, ok, conf, nll, s = t["y"], t["ok"], t["conf"], t["nll"], t["s"]
     known = (y >= 0) & (y < classes)
     okk, confk = ok[known], conf[known]
     acc = okk.float().mean()
+    yk, pk, gk = y[known], t["pred"][known], t["g"][known]
+    support = torch.bincount(yk, minlength=classes).float()
+    predicted = torch.bincount(pk, minlength=classes).float()
+    hits = torch.bincount(yk[okk], minlength=classes).float()
+    present = support > 0
+    pacc = (hits / support.clamp_min(1))[present].mean()
+    f1 = (2 * hits / (support + predicted).clamp_min(1))[(support + predicted) > 0].mean()
+    group_size = torch.bincount(gk, minlength=GROUPS).float()
+    group_hits = torch.bincount(gk[okk], minlength=GROUPS).float()
+    worst = (group_hits / group_size)[group_size > 0].min()
     loss = nll[known].mean()
     edges = torch.linspace(0, 1, 16)
     idx = (torch.bucketize(confk, edges) - 1).clamp_(0, 14)
     ece = torch.zeros(15).index_add_(0, idx, okk.float() - confk).abs().sum() / confk.numel()
     area, fpr = auroc(s, known), fpr_at_tpr(s, known)
+    pr_in, pr_out = aupr_in(s, known), aupr_out(s, known)
     accepted = s >= THRESHOLD
     cls = torch.where(known, y, 0)
     count = torch.zeros(classes).index_add_(0, cls, known.float())
     hits = torch.zeros(classes).index_add_(0, cls, (accepted & ok).float())
     os_star = (hits / count.clamp_min(1)).sum() / (count > 0).sum()
     unk = (~accepted & ~known).sum() / (~known).sum()
-    return [acc, loss, ece, area, fpr, os_star, unk, harmonic_mean(os_star, unk)]
+    return [
+        acc,
+        pacc,
+        f1,
+        worst,
+        loss,
+        ece,
+        area,
+        pr_in,
+        pr_out,
+        fpr,
+        os_star,
+        unk,
+        harmonic_mean(os_star, unk),
+    ]
+
+
+FIELDS = [f for f in EvaluationResult._fields if not f.startswith("num_")]  # the metrics
 
 
 def test_evaluation_compute_vs_metrics_on_scalars(compare: Any, sizes: dict[str, int]) -> None:
@@ -103,7 +147,8 @@ def test_evaluation_compute_vs_metrics_on_scalars(compare: Any, sizes: dict[str,
     scalars = _scalars(pool, sizes)
     r = ev.compute()
     want = _metrics_on_scalars(scalars, sizes["C"])
-    got = [r.accuracy, r.nll, r.ece, r.auroc, r.fpr_at_tpr, r.os_star, r.unk, r.hos]
+    got = [getattr(r, name) for name in FIELDS]
+    assert len(got) == len(want)
     for a, b in zip(got, want):  # the baseline computes the same numbers
         assert a is not None
         torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-6)

@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from robustft._version import __version__
 
-# Registers the averaging states with torch.serialization, so a checkpoint holding one loads with
-# torch.load's default weights_only=True in a process that only ran `import robustft`. Light: torch
-# and the tree core, never open_clip.
+# Register the state classes (averagers, SPD, FTP) with torch.serialization, so a checkpoint
+# holding one loads with torch.load's default weights_only=True in a process that only ran
+# `import robustft`. Light: torch and the tree core, never open_clip.
 from robustft.averaging import _states as _averaging_states  # noqa: F401
+from robustft.projections import _ftp as _ftp_states  # noqa: F401
+from robustft.projections import _spd as _spd_states  # noqa: F401
 
 if TYPE_CHECKING:  # static view of the lazily imported submodules
     from robustft import (

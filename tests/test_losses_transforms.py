@@ -121,6 +121,24 @@ LOSSES: dict[str, Spec] = {
         "f",
         False,
     ),
+    "sigmoid_contrastive": Spec(
+        "sigmoid_contrastive",
+        lambda x, i: L.sigmoid_contrastive(x, i["f0"], logit_scale=10.0, logit_bias=-5.0),
+        "f",
+        False,
+    ),
+    "sigmoid_contrastive_tensor_scale_bias": Spec(
+        "sigmoid_contrastive",
+        lambda x, i: L.sigmoid_contrastive(  # 0-d float64 tensors (exact from bf16 values)
+            x, i["f0"], logit_scale=i["conf"][0].double() * 20, logit_bias=-i["conf"][1].double()
+        ),
+        "f",
+        False,
+    ),
+    "orthogonality": Spec("orthogonality", lambda x, i: L.orthogonality(x.T), "f", False),
+    "orthogonality_frobenius": Spec(
+        "orthogonality", lambda x, i: L.orthogonality(x, squared=False), "f", False
+    ),
 }
 PER_SAMPLE = [k for k, spec in LOSSES.items() if spec.per_sample]
 
@@ -193,6 +211,12 @@ def _all_losses(i: dict[str, torch.Tensor]) -> torch.Tensor:
         L.l2sp({"w": i["f"], "x": i["logits"]}, anchor={"w": i["f0"]}),
         L.text_distances(i["f"]).sum() * 1e-3,
         L.distillation(i["logits"], teacher_logits=i["teacher"], temperature=i["conf"][0] + 1),
+        L.sigmoid_contrastive(i["f"], i["f0"], logit_scale=10.0, logit_bias=-5.0),
+        L.sigmoid_contrastive(
+            i["f"], i["f0"], logit_scale=i["conf"][0] * 20, logit_bias=-i["conf"][1] * 10
+        ),
+        L.orthogonality(i["f"]) * 1e-2,
+        L.orthogonality(i["logits"].T, squared=False),
     ]
     return torch.stack(parts)
 
@@ -265,6 +289,9 @@ def test_extreme_logits_give_finite_loss_and_gradient() -> None:
         ),
         L.clip_contrastive(f, inp["f0"], logit_scale=1e4),
         L.energy_gap(f, reference_features=inp["f0"], text_features=inp["text"], logit_scale=1e4),
+        L.sigmoid_contrastive(f, inp["f0"], logit_scale=1e4, logit_bias=-1e4),
+        L.sigmoid_contrastive(f, inp["f0"], logit_scale=1e4, logit_bias=1e4),
+        L.orthogonality(f * 1e4),
     ]
     for v in feats:
         assert torch.isfinite(v)

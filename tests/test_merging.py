@@ -15,7 +15,18 @@ from reference.merging_ref import wise_ref
 from strategies import tree_pairs
 
 from robustft import merging
-from robustft.merging import greedy_soup, uniform_soup, wise
+from robustft.merging import (
+    dare,
+    depth_schedule,
+    greedy_soup,
+    lazy,
+    model_stock,
+    task_arithmetic,
+    task_vector,
+    ties,
+    uniform_soup,
+    wise,
+)
 
 
 def assert_close_tree(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
@@ -273,11 +284,11 @@ ERRORS: list[tuple[str, Callable[[], Any], type, str]] = [
             fn,
             lambda call=call: call(S(1.0)),
             TypeError,
-            rf"{fn}: candidates must be a sequence of parameter trees",
+            rf"{fn}: candidates must be {what} of parameter trees",
         )
-        for fn, call in [
-            ("uniform_soup", uniform_soup),
-            ("greedy_soup", lambda c: greedy_soup(c, score)),
+        for fn, call, what in [
+            ("uniform_soup", uniform_soup, "an iterable"),
+            ("greedy_soup", lambda c: greedy_soup(c, score), "a sequence"),
         ]
     ],
     *[
@@ -346,6 +357,301 @@ ERRORS: list[tuple[str, Callable[[], Any], type, str]] = [
 ]
 
 
+class _Sub(torch.Tensor):
+    """A tensor subclass standing in for a DTensor (not a plain tensor)."""
+
+
+SUB = {"w": torch.zeros(2).as_subclass(_Sub), "b": torch.zeros(1)}
+F64 = {"w": torch.zeros(2, dtype=torch.float64), "b": torch.zeros(1, dtype=torch.float64)}
+OTHER = {"w": torch.zeros(2), "v": torch.zeros(1)}
+BLOCKS = ["blocks.0.w", "head.w"]
+
+
+def _gen(*trees: dict[str, torch.Tensor]) -> Any:
+    yield from trees
+
+
+# anchor-based merges: the shared candidate and anchor checks
+MERGES: list[tuple[str, Callable[..., Any]]] = [
+    ("task_arithmetic", lambda c, a: task_arithmetic(c, anchor=a)),
+    ("ties", lambda c, a: ties(c, anchor=a)),
+    ("model_stock", lambda c, a: model_stock(c, anchor=a)),
+]
+
+ERRORS += [
+    # every anchor-based merge: candidates and anchor
+    *[
+        entry
+        for fn, call in MERGES
+        for entry in [
+            (fn, lambda call=call: call(T, T), TypeError, rf"{fn}: candidates must be "),
+            (fn, lambda call=call: call(3, T), TypeError, rf"{fn}: candidates must be "),
+            (
+                fn,
+                lambda call=call: call([], T),
+                ValueError,
+                rf"{fn}: candidates must hold at least",
+            ),
+            (
+                fn,
+                lambda call=call: call([T, OTHER], T),
+                ValueError,
+                rf"{fn}: candidates\[1\] must have the same keys as anchor; missing keys \['b'\], "
+                r"unexpected keys \['v'\]",
+            ),
+            (
+                fn,
+                lambda call=call: call([T, F64], T),
+                TypeError,
+                rf"{fn}: anchor and candidates\[1\] must have the same dtype",
+            ),
+            (
+                fn,
+                lambda call=call: call([T, {"w": torch.zeros(3), "b": torch.zeros(1)}], T),
+                ValueError,
+                rf"{fn}: anchor and candidates\[1\] must have the same shape",
+            ),
+            (
+                fn,
+                lambda call=call: call([T, INT], T),
+                TypeError,
+                rf"{fn}: candidates\[1\] must hold floating-point tensors only",
+            ),
+            (
+                fn,
+                lambda call=call: call([T, T], INT),
+                TypeError,
+                rf"{fn}: anchor must hold floating",
+            ),
+            (
+                fn,
+                lambda call=call: call([T, T], [1]),
+                TypeError,
+                rf"{fn}: anchor must be a mapping",
+            ),
+            (
+                fn,
+                lambda call=call: call([T, 5], T),
+                TypeError,
+                rf"{fn}: candidates\[1\] must be a mapping",
+            ),
+        ]
+    ],
+    ("task_arithmetic", lambda: task_arithmetic(_gen(), anchor=T), ValueError, r"at least one"),
+    ("task_arithmetic", lambda: task_arithmetic([T], T), TypeError, r"positional argument"),  # type: ignore[misc]
+    (
+        "task_arithmetic",
+        lambda: task_arithmetic([T], anchor=T, scale=math.nan),
+        ValueError,
+        r"task_arithmetic: scale must not be NaN",
+    ),
+    (
+        "task_arithmetic",
+        lambda: task_arithmetic([T], anchor=T, scale="1"),
+        TypeError,
+        r"task_arithmetic: scale must be a real number, a 0-d floating tensor or a dict",
+    ),
+    (
+        "task_arithmetic",
+        lambda: task_arithmetic([T], anchor=T, scale={"w": 1.0}),
+        ValueError,
+        r"task_arithmetic: scale given per tensor must have the same keys",
+    ),
+    # task_vector
+    (
+        "task_vector",
+        lambda: task_vector([1], anchor=T),
+        TypeError,
+        r"task_vector: params must be a mapping",
+    ),
+    ("task_vector", lambda: task_vector(T, T), TypeError, r"positional argument"),  # type: ignore[misc]
+    (
+        "task_vector",
+        lambda: task_vector(OTHER, anchor=T),
+        ValueError,
+        r"task_vector: params must have the same keys as anchor",
+    ),
+    (
+        "task_vector",
+        lambda: task_vector(T, anchor=INT),
+        TypeError,
+        r"task_vector: anchor must hold",
+    ),
+    # ties
+    *[
+        ("ties", lambda d=d: ties([T], anchor=T, density=d), ValueError, rf"ties: density must {m}")
+        for d, m in [
+            (0.0, r"be in \(0.0, 1.0\], got 0.0"),
+            (1.5, "be in"),
+            (math.nan, "not be NaN"),
+        ]
+    ],
+    (
+        "ties",
+        lambda: ties([T], anchor=T, density="0.2"),
+        TypeError,
+        r"ties: density must be a real",
+    ),
+    (
+        "ties",
+        lambda: ties([T], anchor=T, trim="rows"),
+        ValueError,
+        r"ties: trim must be one of 'global', 'per_tensor', got 'rows'",
+    ),
+    ("ties", lambda: ties([T], anchor=T, trim=1), TypeError, r"ties: trim must be one of"),  # type: ignore[arg-type]
+    (
+        "ties",
+        lambda: ties([T], anchor=T, scale=math.inf),
+        ValueError,
+        r"ties: scale must be a finite",
+    ),
+    ("ties", lambda: ties([T], T), TypeError, r"positional argument"),  # type: ignore[misc]
+    (
+        "ties",
+        lambda: ties(_gen(T), anchor=T),
+        TypeError,
+        r"ties: candidates must be a sequence .*\(ties reads every candidate 2 times; an iterator "
+        r"only once\)",
+    ),
+    (
+        "ties",
+        lambda: ties([SUB], anchor=SUB),
+        TypeError,
+        r"ties: anchor must hold plain tensors \(not DTensor .* _Sub at keys \['w'\]",
+    ),
+    (
+        "ties",
+        lambda: ties([T], anchor={"w": torch.zeros(2), "b": torch.zeros(1, device="meta")}),
+        ValueError,
+        r"ties: anchor must be on one device, got tensors on \['cpu', 'meta'\]",
+    ),
+    # dare
+    *[
+        ("dare", lambda d=d: dare(T, drop=d), ValueError, rf"dare: drop must {m}")
+        for d, m in [
+            (1.0, r"be in \[0.0, 1.0\), got 1.0"),
+            (-0.1, "be in"),
+            (math.nan, "not be NaN"),
+        ]
+    ],
+    ("dare", lambda: dare(T, drop="0.5"), TypeError, r"dare: drop must be a real number"),
+    ("dare", lambda: dare(T, drop=True), TypeError, r"dare: drop must be a real number"),
+    ("dare", lambda: dare([1], drop=0.5), TypeError, r"dare: task_vector must be a mapping"),
+    ("dare", lambda: dare(INT, drop=0.5), TypeError, r"dare: task_vector must hold floating"),
+    (
+        "dare",
+        lambda: dare(T, drop=0.5, generator=0),  # type: ignore[arg-type]
+        TypeError,
+        r"dare: generator must be a torch.Generator or None, got 0",
+    ),
+    ("dare", lambda: dare(SUB, drop=0.5), TypeError, r"dare: task_vector must hold plain tensors"),
+    (
+        "dare",
+        lambda: dare({"w": torch.zeros(2, device="meta")}, drop=0.5, generator=torch.Generator()),
+        ValueError,
+        r"dare: task_vector must be on the generator's device type \(cpu\), got meta",
+    ),
+    # model_stock
+    (
+        "model_stock",
+        lambda: model_stock([T], anchor=T),
+        ValueError,
+        r"model_stock: candidates must hold at least 2 trees \(N >= 2\), got 1",
+    ),
+    (
+        "model_stock",
+        lambda: model_stock(_gen(T), anchor=T),
+        ValueError,
+        r"model_stock: candidates must hold at least 2 trees \(N >= 2\), got 1",
+    ),
+    ("model_stock", lambda: model_stock([T, T], T), TypeError, r"positional argument"),  # type: ignore[misc]
+    # depth_schedule
+    *[
+        (
+            "depth_schedule",
+            lambda p=p: depth_schedule(p, start=0, end=1),
+            err,
+            rf"depth_schedule: {m}",
+        )
+        for p, err, m in [
+            (3, TypeError, "params must be a parameter tree or an iterable of parameter names"),
+            ("blocks.0.w", TypeError, "params must be a parameter tree or an iterable"),
+            ([1], TypeError, "params must hold str names, got 1"),
+            ({"w": 1}, TypeError, "params must have torch.Tensor leaves"),
+            ([], ValueError, "params must hold at least one name, got none"),
+            (["w", "b"], ValueError, r"keys must name transformer blocks .* pass depth_of="),
+        ]
+    ],
+    (
+        "depth_schedule",
+        lambda: depth_schedule(BLOCKS, start=math.nan, end=1),
+        ValueError,
+        r"depth_schedule: start must not be NaN",
+    ),
+    (
+        "depth_schedule",
+        lambda: depth_schedule(BLOCKS, start=0, end=math.inf),
+        ValueError,
+        r"depth_schedule: end must be a finite number",
+    ),
+    (
+        "depth_schedule",
+        lambda: depth_schedule(BLOCKS, start="0", end=1),  # type: ignore[arg-type]
+        TypeError,
+        r"depth_schedule: start must be a real number",
+    ),
+    (
+        "depth_schedule",
+        lambda: depth_schedule(BLOCKS, start=0, end=1, depth_of=3),  # type: ignore[arg-type]
+        TypeError,
+        r"depth_schedule: depth_of must be callable or None, got 3",
+    ),
+    (
+        "depth_schedule",
+        lambda: depth_schedule(BLOCKS, start=0, end=1, depth_of=lambda k: "1"),  # type: ignore[arg-type,return-value]
+        TypeError,
+        r"depth_schedule: depth_of must return a real number, got '1' for 'blocks.0.w'",
+    ),
+    *[
+        (
+            "depth_schedule",
+            lambda d=d: depth_schedule(BLOCKS, start=0, end=1, depth_of=lambda k: d),
+            ValueError,
+            r"depth_schedule: depth_of must return a finite number >= 0",
+        )
+        for d in (-1, math.nan, math.inf)
+    ],
+    (
+        "depth_schedule",
+        lambda: depth_schedule(BLOCKS, start=0, end=1, depth_of=lambda k: 0),
+        ValueError,
+        r"depth_schedule: depth_of must give some key a depth > 0, got 0 for every key",
+    ),
+    # lazy
+    ("lazy", lambda: lazy(3, [1]), TypeError, r"lazy: load must be callable, got 3"),  # type: ignore[arg-type]
+    (
+        "lazy",
+        lambda: lazy(dict, (x for x in [1])),  # type: ignore[arg-type]
+        TypeError,
+        r"lazy: sources must be a sequence",
+    ),
+    ("lazy", lambda: lazy(dict, "ab"), TypeError, r"lazy: sources must be a sequence"),  # type: ignore[arg-type]
+    # the soups stream too
+    (
+        "uniform_soup",
+        lambda: uniform_soup(_gen()),
+        ValueError,
+        r"uniform_soup: candidates must hold",
+    ),
+    (
+        "greedy_soup",
+        lambda: greedy_soup(_gen(S(0.0)), score),
+        TypeError,
+        r"greedy_soup: candidates must be a sequence .*\(greedy_soup reads every candidate 2 times",
+    ),
+]
+
+
 @pytest.mark.parametrize(
     ("fn", "call", "err", "match"), ERRORS, ids=[f"{e[0]}-{i}" for i, e in enumerate(ERRORS)]
 )
@@ -355,6 +661,12 @@ def test_errors(fn: str, call: Callable[[], Any], err: type, match: str) -> None
 
 
 def test_error_table_covers_every_public_function() -> None:
+    """This table plus the Fisher/ensemble table (tests/test_merging_fisher.py) cover __all__."""
+    from test_merging_fisher import ERRORS as FISHER_ERRORS
+
     public = {n for n in merging.__all__ if callable(getattr(merging, n))}
-    assert public == {"wise", "uniform_soup", "greedy_soup"}
-    assert public <= {e[0] for e in ERRORS}, public - {e[0] for e in ERRORS}
+    ours = {"wise", "uniform_soup", "greedy_soup", "task_vector", "task_arithmetic", "ties"}
+    ours |= {"dare", "model_stock", "depth_schedule", "lazy"}
+    assert ours <= public
+    covered = {e[0] for e in ERRORS} | {e[0] for e in FISHER_ERRORS}
+    assert public <= covered, public - covered

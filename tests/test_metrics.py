@@ -626,4 +626,9 @@ def test_public_names() -> None:
         "harmonic_mean",
         "Evaluation",
         "energy_gap",
+        "macro_f1",
+        "per_class_accuracy",
+        "worst_group_accuracy",
+        "aupr_in",
+        "aupr_out",
     }

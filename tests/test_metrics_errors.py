@@ -47,7 +47,13 @@ def case(name: str, what: str, call: Callable[[], Any], exc: type[Exception], ma
     CASES.append((name, what, call, exc, match))
 
 
-for fn in (M.accuracy, M.nll, M.ece):
+def _worst_group(logits: Any, labels: Any) -> Any:
+    return M.worst_group_accuracy(logits, labels, groups=torch.zeros(4, dtype=torch.long))
+
+
+_worst_group.__name__ = "worst_group_accuracy"
+
+for fn in (M.accuracy, M.nll, M.ece, M.macro_f1, M.per_class_accuracy, _worst_group):
     n = fn.__name__
     case(
         n,
@@ -158,71 +164,106 @@ case(
 )
 case("ece", "positional num_bins", lambda: M.ece(z, y, 15), TypeError, r"positional")
 
-for fn in (M.auroc, M.fpr_at_tpr):
+RANKING = ((M.auroc, "is_positive"), (M.fpr_at_tpr, "is_positive"))
+RANKING += ((M.aupr_in, "is_known"), (M.aupr_out, "is_known"))
+for fn, mask in RANKING:
     n = fn.__name__
-    case(
-        n,
-        "no positive",
-        lambda fn=fn: fn(s, torch.zeros(4, dtype=torch.bool)),
-        ValueError,
-        rf"{n}: is_positive must contain at least one positive and one negative sample, got 0 positive",
-    )
-    case(
-        n,
-        "no negative",
-        lambda fn=fn: fn(s, torch.ones(4, dtype=torch.bool)),
-        ValueError,
-        rf"{n}: is_positive must contain .* got 4 positive\(s\) and 0",
-    )
-    case(
-        n,
-        "float targets",
-        lambda fn=fn: fn(s, pos.float()),
-        TypeError,
-        rf"{n}: is_positive must be a bool tensor",
-    )
-    case(
-        n,
-        "targets 0/1/2",
-        lambda fn=fn: fn(s, torch.tensor([0, 1, 2, 1])),
-        ValueError,
-        rf"{n}: is_positive must contain only 0 and 1",
-    )
-    case(
-        n,
-        "shape",
-        lambda fn=fn: fn(s, pos[:3]),
-        ValueError,
-        rf"{n}: is_positive must have the shape of scores",
-    )
-    case(
-        n,
-        "2-d scores",
-        lambda fn=fn: fn(s[None], pos[None]),
-        ValueError,
-        rf"{n}: scores must have 1 dimension",
-    )
-    case(
-        n,
-        "int scores",
-        lambda fn=fn: fn(torch.arange(4), pos),
-        TypeError,
-        rf"{n}: scores must be a floating-point",
-    )
-    case(
-        n,
-        "NaN score",
-        lambda fn=fn: fn(torch.tensor([0.1, float("nan"), 0.2, 0.3]), pos),
-        ValueError,
-        rf"{n}: scores must not contain NaN",
-    )
-    case(
-        n,
-        "non-tensor targets",
-        lambda fn=fn: fn(s, [True, False, True, False]),
-        TypeError,
-        rf"{n}: is_positive must be a torch.Tensor",
-    )
+    yes, no = ("known", "unknown") if mask == "is_known" else ("positive", "negative")
+    for what, values, got in (
+        ("no negative", torch.ones(4, dtype=torch.bool), f"4 {yes}"),
+        ("no positive", torch.zeros(4, dtype=torch.int8), f"0 {yes}"),
+    ):
+        case(
+            n,
+            what,
+            lambda fn=fn, values=values: fn(s, values),
+            ValueError,
+            rf"{n}: {mask} must contain at least one {yes} and one {no} sample, got {got}",
+        )
+    for what, values, exc, msg in (
+        ("float targets", pos.float(), TypeError, "must be a bool tensor"),
+        ("targets 0/1/2", torch.tensor([0, 1, 2, 1]), ValueError, "must contain only 0 and 1"),
+        ("shape", pos[:3], ValueError, "must have the shape of scores"),
+        ("non-tensor targets", pos.tolist(), TypeError, "must be a torch.Tensor"),
+    ):
+        case(n, what, lambda fn=fn, values=values: fn(s, values), exc, rf"{n}: {mask} {msg}")
+    for what, scores, exc, msg in (
+        ("2-d scores", s[None], ValueError, "must have 1 dimension"),
+        ("int scores", torch.arange(4), TypeError, "must be a floating-point"),
+        (
+            "NaN score",
+            torch.tensor([0.1, float("nan"), 0.2, 0.3]),
+            ValueError,
+            "must not contain NaN",
+        ),
+        ("list scores", s.tolist(), TypeError, "must be a torch.Tensor"),
+    ):
+        target = pos[None] if what == "2-d scores" else pos
+        case(
+            n,
+            what,
+            lambda fn=fn, scores=scores, target=target: fn(scores, target),
+            exc,
+            rf"{n}: scores {msg}",
+        )
+
+case(
+    "macro_f1",
+    "average_over name",
+    lambda: M.macro_f1(z, y, average_over="micro"),
+    ValueError,
+    r"macro_f1: average_over must be one of 'union', 'labels', got 'micro'",
+)
+case(
+    "macro_f1",
+    "average_over type",
+    lambda: M.macro_f1(z, y, average_over=None),
+    TypeError,
+    r"macro_f1: average_over must be one of 'union', 'labels', got None",
+)
+case("macro_f1", "positional average_over", lambda: M.macro_f1(z, y, "union"), TypeError, "posit")
+case(
+    "worst_group_accuracy",
+    "float groups",
+    lambda: M.worst_group_accuracy(z, y, groups=y.float()),
+    TypeError,
+    r"worst_group_accuracy: groups must be an integer tensor, got dtype torch.float32",
+)
+case(
+    "worst_group_accuracy",
+    "bool groups",
+    lambda: M.worst_group_accuracy(z, y, groups=y > 0),
+    TypeError,
+    r"worst_group_accuracy: groups must be an integer tensor",
+)
+case(
+    "worst_group_accuracy",
+    "groups length",
+    lambda: M.worst_group_accuracy(z, y, groups=y[:3]),
+    ValueError,
+    r"worst_group_accuracy: groups must have length 4",
+)
+case(
+    "worst_group_accuracy",
+    "2-d groups",
+    lambda: M.worst_group_accuracy(z, y, groups=y[None]),
+    ValueError,
+    r"worst_group_accuracy: groups must have 1 dimension",
+)
+case(
+    "worst_group_accuracy",
+    "list groups",
+    lambda: M.worst_group_accuracy(z, y, groups=[0, 0, 1, 1]),
+    TypeError,
+    r"worst_group_accuracy: groups must be a torch.Tensor",
+)
+case(
+    "worst_group_accuracy",
+    "positional groups",
+    lambda: M.worst_group_accuracy(z, y, y),
+    TypeError,
+    r"positional",
+)
 
 for bad, exc, msg in (
     (0.0, ValueError, r"must be in \(0(\.0)?, 1(\.0)?\]"),
@@ -571,6 +612,20 @@ case(
     TypeError,
     r"Evaluation: group must be a torch.distributed ProcessGroup or None, got 0",
 )
+case(
+    "Evaluation",
+    "f1_average_over name",
+    lambda: M.Evaluation(f1_average_over="weighted"),
+    ValueError,
+    r"Evaluation: f1_average_over must be one of 'union', 'labels', got 'weighted'",
+)
+case(
+    "Evaluation",
+    "f1_average_over type",
+    lambda: M.Evaluation(f1_average_over=1),
+    TypeError,
+    r"Evaluation: f1_average_over must be one of 'union', 'labels', got 1",
+)
 case("Evaluation", "positional", lambda: M.Evaluation("msp"), TypeError, r"positional")
 case(
     "Evaluation.update",
@@ -627,6 +682,20 @@ case(
     lambda: _update(indices=torch.arange(5)),
     ValueError,
     r"Evaluation.update: indices must have length 4",
+)
+case(
+    "Evaluation.update",
+    "float groups",
+    lambda: _update(groups=torch.rand(4)),
+    TypeError,
+    r"Evaluation.update: groups must be an integer tensor",
+)
+case(
+    "Evaluation.update",
+    "groups length",
+    lambda: _update(groups=torch.arange(3)),
+    ValueError,
+    r"Evaluation.update: groups must have length 4",
 )
 case(
     "Evaluation.compute",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,9 @@ import torch
 import torch.distributed as dist
 from _dist import run_distributed
 from _memory import peak_alloc_bytes
+from hypothesis import given
+from hypothesis import strategies as st
+from sklearn.metrics import average_precision_score
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
@@ -18,11 +22,16 @@ from robustft.metrics import (
     Evaluation,
     EvaluationResult,
     accuracy,
+    aupr_in,
+    aupr_out,
     auroc,
     ece,
     fpr_at_tpr,
+    macro_f1,
     nll,
     open_set,
+    per_class_accuracy,
+    worst_group_accuracy,
 )
 
 SIZES = [1, 7, 3, 12, 2, 9]  # uneven batches
@@ -38,27 +47,52 @@ def _data(n: int = sum(SIZES), classes: int = 4, seed: int = 0) -> tuple[Tensor,
     return z, y
 
 
-def _one_shot(z: Tensor, y: Tensor, s: Tensor, threshold: float) -> list[float]:
+def _one_shot(
+    z: Tensor, y: Tensor, s: Tensor, threshold: float, *, num_bins: int = 15, tpr: float = 0.95
+) -> list[float]:
+    """The metric functions on the concatenated logits, in :func:`_values`' order."""
     known = (y >= 0) & (y < z.shape[1])
     zk, yk = z[known], y[known]
-    out = [accuracy(zk, yk), nll(zk, yk), ece(zk, yk), auroc(s, known), fpr_at_tpr(s, known)]
+    out = [accuracy(zk, yk), per_class_accuracy(zk, yk), macro_f1(zk, yk), nll(zk, yk)]
+    out += [ece(zk, yk, num_bins=num_bins), auroc(s, known), aupr_in(s, known)]
+    out += [aupr_out(s, known), fpr_at_tpr(s, known, tpr=tpr)]
     out += list(open_set(z, y, s, threshold=threshold))
     return [float(v) for v in out]
 
 
+# every metric field but the group one (which needs groups), in EvaluationResult's order
+FIELDS = [
+    f for f in EvaluationResult._fields if not f.startswith("num_") and f != "worst_group_accuracy"
+]
+
+
 def _values(r: EvaluationResult) -> list[float]:
-    fields = (r.accuracy, r.nll, r.ece, r.auroc, r.fpr_at_tpr, r.os_star, r.unk, r.hos)
-    return [float(v) for v in fields]  # type: ignore[arg-type]
+    return [float(getattr(r, name)) for name in FIELDS]
+
+
+def test_one_shot_covers_every_field() -> None:
+    z, y = _data()
+    assert len(_one_shot(z, y, scores.msp(z), 0.5)) == len(FIELDS) == 12
 
 
 def _stream(
-    ev: Evaluation, z: Tensor, y: Tensor, sizes: list[int], s: Tensor | None = None
+    ev: Evaluation,
+    z: Tensor,
+    y: Tensor,
+    sizes: list[int],
+    s: Tensor | None = None,
+    groups: Tensor | None = None,
 ) -> None:
     start = 0
     for n in sizes:
         part = slice(start, start + n)
-        ev.update(z[part], y[part], None if s is None else s[part])
+        g = None if groups is None else groups[part]
+        ev.update(z[part], y[part], None if s is None else s[part], groups=g)
         start += n
+
+
+def _groups(n: int, seed: int = 0) -> Tensor:
+    return torch.randint(-2, 3, (n,), generator=torch.Generator().manual_seed(seed)) * 10
 
 
 def test_five_line_loop_equals_one_shot() -> None:
@@ -107,6 +141,8 @@ def test_undefined_metrics_are_none() -> None:
     only_known.update(z[known], y[known])
     r = only_known.compute()
     assert r.accuracy is not None and r.auroc is None and r.fpr_at_tpr is None and r.hos is None
+    assert r.macro_f1 is not None and r.per_class_accuracy is not None
+    assert r.aupr_in is None and r.aupr_out is None and r.worst_group_accuracy is None
     assert r.num_unknown == 0
     no_threshold = Evaluation()
     no_threshold.update(z, y)
@@ -116,6 +152,7 @@ def test_undefined_metrics_are_none() -> None:
     only_unknown.update(z[~known], y[~known])
     r = only_unknown.compute()
     assert r.accuracy is None and r.nll is None and r.ece is None and r.auroc is None
+    assert r.macro_f1 is None and r.per_class_accuracy is None and r.aupr_out is None
     assert (r.num_known, r.num_unknown) == (0, int((~known).sum()))
 
 
@@ -226,17 +263,9 @@ def test_exact_for_any_split_and_dtype() -> None:
         _stream(ev, z, y, sizes)
         r = ev.compute()
         assert r.nll is not None and r.nll.dtype == torch.float64
-        known = (y >= 0) & (y < 5)
-        want = [
-            accuracy(z[known], y[known]),
-            nll(z[known], y[known]),
-            ece(z[known], y[known], num_bins=10),
-            auroc(s, known),
-            fpr_at_tpr(s, known),
-            *open_set(z, y, s, threshold=1.0),
-        ]
+        want = _one_shot(z, y, s, 1.0, num_bins=10)
         for got, w in zip(_values(r), want):
-            assert got == pytest.approx(float(w), rel=1e-13, abs=1e-15)
+            assert got == pytest.approx(w, rel=1e-13, abs=1e-15)
     # a float64 batch after float32 ones widens the stored scalars, like torch.cat would
     mixed = Evaluation(threshold=0.5)
     mixed.update(z[:30].float(), y[:30])
@@ -322,6 +351,88 @@ def test_indices_count_each_sample_once() -> None:
     assert without.compute().num_known + without.compute().num_unknown == n + 4
 
 
+def test_suite_metrics_per_set_and_worst_group() -> None:
+    """Macro-F1, per-class and worst-group accuracy, AUPR-in/out: equal to the functions."""
+    z, y = _data()
+    g = _groups(len(y))
+    known = (y >= 0) & (y < 4)
+    ev = Evaluation(f1_average_over="labels")
+    _stream(ev, z, y, SIZES, groups=g)
+    r = ev.compute()
+    zk, yk = z[known], y[known]
+    assert r.worst_group_accuracy is not None and r.macro_f1 is not None
+    assert float(r.worst_group_accuracy) == float(worst_group_accuracy(zk, yk, groups=g[known]))
+    assert float(r.macro_f1) == float(macro_f1(zk, yk, average_over="labels"))
+    assert float(r.per_class_accuracy) == float(per_class_accuracy(zk, yk))  # type: ignore[arg-type]
+    # a group holding only unknown-class samples has no accuracy: it is not the minimum
+    g_unknown = torch.where(known, g, torch.full_like(g, 99))
+    ev = Evaluation()
+    _stream(ev, z, y, SIZES, groups=g_unknown)
+    wga = ev.compute().worst_group_accuracy
+    assert wga is not None and float(wga) == float(worst_group_accuracy(zk, yk, groups=g[known]))
+    # only unknowns: nothing is defined, with or without groups
+    ev = Evaluation()
+    ev.update(z[~known], y[~known], groups=g[~known])
+    assert ev.compute().worst_group_accuracy is None
+
+
+def test_aupr_conventions_match_sklearn() -> None:
+    """AUPR-in: known positive, score as is; AUPR-out: unknown positive, score negated."""
+    z, y = _data(n=200, seed=4)
+    z = z.double()
+    s = torch.round(scores.energy(z) * 4) / 4  # ties
+    known = (y >= 0) & (y < 4)
+    ev = Evaluation()
+    _stream(ev, z, y, [50, 150], s)
+    r = ev.compute()
+    want_in = average_precision_score(known.numpy(), s.numpy())
+    want_out = average_precision_score((~known).numpy(), (-s).numpy())
+    assert float(r.aupr_in) == pytest.approx(want_in, abs=1e-12)  # type: ignore[arg-type]
+    assert float(r.aupr_out) == pytest.approx(want_out, abs=1e-12)  # type: ignore[arg-type]
+
+
+def test_groups_given_for_every_batch_or_none() -> None:
+    z, y = _data()
+    ev = Evaluation()
+    ev.update(z[:4], y[:4], groups=torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(
+        ValueError,
+        match=r"Evaluation.update: groups must be given for every batch or for none; earlier "
+        r"batches came with groups, got groups=None",
+    ):
+        ev.update(z[4:8], y[4:8])
+    without = Evaluation()
+    without.update(z[:4], y[:4])
+    with pytest.raises(ValueError, match=r"batches came without groups"):
+        without.update(z[4:8], y[4:8], groups=torch.zeros(4, dtype=torch.long))
+    assert (ev.num_samples, without.num_samples) == (4, 4)
+
+
+@given(
+    cuts=st.lists(st.integers(0, 29), max_size=6),
+    repeats=st.lists(st.integers(0, 29), max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_any_batch_split_equals_one_shot(cuts: list[int], repeats: list[int], seed: int) -> None:
+    """Property: any split into batches, with duplicated (indexed) samples, gives the metrics of
+    the functions on the whole set, every field."""
+    z, y = _data(n=30, classes=4, seed=seed)
+    z = z.double()
+    g = _groups(30, seed)
+    order = torch.cat([torch.arange(30), torch.tensor(repeats, dtype=torch.long)])
+    bounds = sorted({0, len(order), *cuts})
+    ev = Evaluation(threshold=0.5, score="msp")
+    for lo, hi in itertools.pairwise(bounds):
+        part = order[lo:hi]
+        ev.update(z[part], y[part], indices=part, groups=g[part])
+    r = ev.compute()
+    want = _one_shot(z, y, scores.msp(z), 0.5)
+    assert _values(r) == pytest.approx(want, rel=1e-13, abs=1e-15)
+    known = (y >= 0) & (y < 4)
+    wga = worst_group_accuracy(z[known], y[known], groups=g[known])
+    assert r.worst_group_accuracy is not None and float(r.worst_group_accuracy) == float(wga)
+
+
 def test_memory_is_o_samples_not_o_logits() -> None:
     """Issue 13: peak allocation over a whole evaluation <= 5% of the logits' total size."""
     classes, batch, steps = 2000, 64, 120
@@ -331,8 +442,9 @@ def test_memory_is_o_samples_not_o_logits() -> None:
 
     def run() -> None:
         ev = Evaluation(threshold=0.001)
+        groups = torch.arange(batch) % 8
         for _ in range(steps):
-            ev.update(z, y)  # the same batch again: only the scalars accumulate
+            ev.update(z, y, groups=groups)  # the same batch again: only the scalars accumulate
         ev.compute()
 
     peak = peak_alloc_bytes(run)
@@ -352,9 +464,10 @@ def _dist_body(rank: int, world_size: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     ev = Evaluation(threshold=0.6, group=dist.group.WORLD)
-    _stream(ev, z[mine], y[mine], RANK_SIZES[rank])
+    _stream(ev, z[mine], y[mine], RANK_SIZES[rank], groups=_groups(21)[mine])
     r = ev.compute()
     out["global"] = [*_values(r), r.num_known, r.num_unknown]
+    out["worst_group"] = float(r.worst_group_accuracy)  # type: ignore[arg-type]
 
     local = Evaluation(threshold=0.6)  # group=None: never communicates, even under dist
     _stream(local, z[mine], y[mine], RANK_SIZES[rank])
@@ -393,6 +506,17 @@ def _dist_body(rank: int, world_size: int) -> dict[str, Any]:
     half.update(z[:2], y[:2], indices=torch.arange(2) if rank == 0 else None)
     with pytest.raises(ValueError, match=r"Evaluation.compute: every rank must pass indices"):
         half.compute()
+    ungrouped = Evaluation(group=dist.group.WORLD)
+    ungrouped.update(z[:2], y[:2], groups=torch.arange(2) if rank == 1 else None)
+    with pytest.raises(ValueError, match=r"Evaluation.compute: every rank must pass groups"):
+        ungrouped.compute()
+
+    # padding + groups + indices together, a rank with an empty local set of groups included
+    both = Evaluation(threshold=0.6, group=dist.group.WORLD)
+    for part in mine_idx.split(4):
+        both.update(z[part], y[part], indices=part, groups=_groups(21)[part])
+    r = both.compute()
+    out["both"] = [*_values(r), float(r.worst_group_accuracy)]  # type: ignore[arg-type]
     return out
 
 
@@ -405,9 +529,15 @@ def test_two_process_gloo_equals_single_process() -> None:
     want = [*_one_shot(z, y, s, 0.6), known, 21 - known]
     n0 = sum(RANK_SIZES[0])
     assert results[0]["global"] == results[1]["global"] == want
+    g = _groups(21)
+    is_known = (y >= 0) & (y < 4)
+    wga = float(worst_group_accuracy(z[is_known], y[is_known], groups=g[is_known]))
+    assert results[0]["worst_group"] == results[1]["worst_group"] == wga
     assert [r["local"] for r in results] == [n0, 21 - n0]
     lonely = _one_shot(z[:n0], y[:n0], s[:n0], 0.6)
     assert results[0]["lonely"] == results[1]["lonely"] == lonely
     assert [r["padded_local"] for r in results] == [11, 11]  # 22 = 21 + one padding sample
     assert results[0]["padded"] == results[1]["padded"]
     assert results[0]["padded"] == pytest.approx(want, rel=1e-6)  # each sample once
+    assert results[0]["both"] == results[1]["both"]
+    assert results[0]["both"] == pytest.approx([*want[:-2], wga], rel=1e-6)

@@ -525,6 +525,206 @@ ERRORS: list[tuple[str, Callable[[], Any], type, str]] = [
 ]
 
 
+def _spd_state() -> Any:
+    return projections.spd(0.5).init(P1, anchor=A1)
+
+
+def _prepared() -> Any:
+    return projections.spd(0.5).prepare(_spd_state(), P1, grads=P1)
+
+
+def _ftp_state() -> Any:
+    return projections.ftp().init(P1, anchor=A1)
+
+
+def _stale(kind: str) -> Any:
+    if kind == "spd":
+        state = _prepared()
+        projections.spd(0.5).update_(state, {"w": torch.ones(2)})
+    else:
+        state = _ftp_state()
+        projections.ftp().update_(state, {"w": torch.ones(2)}, grads=P1)
+    return state
+
+
+def _post_step_rows() -> list[tuple[str, Callable[[], Any], type, str]]:
+    spd, ftp = projections.spd, projections.ftp
+    s, f = spd(0.5), ftp()
+    rows: list[tuple[str, Callable[[], Any], type, str]] = [
+        ("spd", lambda: spd(-0.1), ValueError, r"spd: weight_decay must be in \[0.0, inf\)"),
+        ("spd", lambda: spd(np.float32(-1)), ValueError, r"spd: weight_decay must be in"),
+        ("spd", lambda: spd(math.inf), ValueError, r"spd: weight_decay must be a finite number"),
+        ("spd", lambda: spd(math.nan), ValueError, r"spd: weight_decay must not be NaN"),
+        ("spd", lambda: spd("0.1"), TypeError, r"spd: weight_decay must be a real number"),
+        ("spd", lambda: spd(True), TypeError, r"spd: weight_decay must be a real number"),
+        ("Spd", lambda: s.init(P1, A1), TypeError, r"takes 1 positional argument"),
+        ("Spd", lambda: s.init([1], anchor=A1), TypeError, r"spd.init: params must be a mapping"),
+        ("Spd", lambda: s.init(INT, anchor=INT), TypeError, r"spd.init: params must hold float"),
+        (
+            "Spd",
+            lambda: s.init({"v": torch.ones(2)}, anchor=A1),
+            ValueError,
+            r"spd.init: params must have the same keys as anchor; missing keys \['w'\]",
+        ),
+        (
+            "Spd",
+            lambda: s.init(P1, anchor={"w": torch.zeros(3)}),
+            ValueError,
+            r"spd.init: anchor and params must have the same shape",
+        ),
+        (
+            "Spd",
+            lambda: s.init(P1, anchor=P1),
+            ValueError,
+            r"spd.init: anchor must not share memory with params .* keys \['w'\]",
+        ),
+        (
+            "Spd",
+            lambda: s.init(P1, anchor={"w": P1["w"].view(2)}),
+            ValueError,
+            r"spd.init: anchor must not share memory with params",
+        ),
+        (
+            "Spd",
+            lambda: s.prepare(_spd_state(), P1, grads={"w": torch.ones(3)}),
+            ValueError,
+            r"spd.prepare: params and grads must have the same shape",
+        ),
+        (
+            "Spd",
+            lambda: s.prepare(_spd_state(), P1, grads={"w": None}),
+            TypeError,
+            r"spd.prepare: grads must have torch.Tensor leaves",
+        ),
+        (
+            "Spd",
+            lambda: s.prepare(_spd_state(), P1, grads={"w": torch.ones(2).double()}),
+            TypeError,
+            r"spd.prepare: params and grads must have the same dtype",
+        ),
+        (
+            "Spd",
+            lambda: s.prepare(_spd_state(), {"v": torch.ones(2)}, grads={"v": torch.ones(2)}),
+            ValueError,
+            r"spd.prepare: params must have the same keys as anchor; missing keys \['w'\]",
+        ),
+        (
+            "Spd",
+            lambda: s.update(_spd_state(), P1),
+            ValueError,
+            r"spd.update: state must be prepared: call state = spd.prepare",
+        ),
+        (
+            "Spd",
+            lambda: s.update_(_stale("spd"), P1),
+            ValueError,
+            r"spd.update_: state is stale",
+        ),
+        (
+            "Spd",
+            lambda: spd(0.1).update_(_prepared(), P1),
+            ValueError,
+            r"spd.update_: state was made by spd\(weight_decay=0.5\), but this one is "
+            r"spd\(weight_decay=0.1\)",
+        ),
+        (
+            "SpdState",
+            lambda: s.update(_ftp_state(), P1),
+            TypeError,
+            r"spd.update: state must be the SpdState returned by spd.init",
+        ),
+        (
+            "SpdState",
+            lambda: s.update(_prepared()._replace(step=3), P1),
+            TypeError,
+            r"spd.update: state must be .* got a malformed one",
+        ),
+        (
+            "SpdState",
+            lambda: s.update(_prepared()._replace(decay={"v": torch.ones(())}), P1),
+            ValueError,
+            r"spd.update: state was prepared for keys \['v'\], got params with keys \['w'\]",
+        ),
+        ("ftp", lambda: ftp(annealing=-1.0), ValueError, r"ftp: annealing must be in \[0.0, inf\)"),
+        ("ftp", lambda: ftp(annealing=math.inf), ValueError, r"ftp: annealing must be a finite"),
+        ("ftp", lambda: ftp(lr=0.0), ValueError, r"ftp: lr must be in \(0.0, inf\), got 0.0"),
+        ("ftp", lambda: ftp(lr=np.float64(math.nan)), ValueError, r"ftp: lr must not be NaN"),
+        ("ftp", lambda: ftp(lr="1"), TypeError, r"ftp: lr must be a real number, got '1'"),
+        ("ftp", lambda: ftp(eps=0.0), ValueError, r"ftp: eps must be in \(0.0, inf\)"),
+        ("ftp", lambda: ftp(betas=0.9), TypeError, r"ftp: betas must be a pair of numbers"),
+        ("ftp", lambda: ftp(betas=(0.9,)), TypeError, r"ftp: betas must be a pair of numbers"),
+        (
+            "ftp",
+            lambda: ftp(betas=(1.0, 0.9)),
+            ValueError,
+            r"ftp: betas\[0\] must be in \[0.0, 1.0\)",
+        ),
+        ("ftp", lambda: ftp(betas=(0.9, -0.1)), ValueError, r"ftp: betas\[1\] must be in"),
+        (
+            "ftp",
+            lambda: ftp(betas=(0.9, True)),
+            TypeError,
+            r"ftp: betas\[1\] must be a real number",
+        ),
+        ("ftp", lambda: ftp(0.5), TypeError, r"takes 0 positional arguments"),
+        (
+            "Ftp",
+            lambda: f.init(P1, anchor=P1),
+            ValueError,
+            r"ftp.init: anchor must not share memory",
+        ),
+        ("Ftp", lambda: f.init(INT, anchor=INT), TypeError, r"ftp.init: params must hold float"),
+        (
+            "Ftp",
+            lambda: f.update_(_ftp_state(), P1, grads={"v": torch.ones(2)}),
+            ValueError,
+            r"ftp.update_: grads must have the same keys as params; missing keys \['w'\], "
+            r"unexpected keys \['v'\]",
+        ),
+        (
+            "Ftp",
+            lambda: f.update(_ftp_state(), P1, grads=[torch.ones(2)]),
+            TypeError,
+            r"ftp.update: grads must be a mapping",
+        ),
+        (
+            "Ftp",
+            lambda: f.update(_ftp_state(), {"w": torch.ones(3)}, grads={"w": torch.ones(3)}),
+            ValueError,
+            r"ftp.update: anchor and params must have the same shape",
+        ),
+        (
+            "Ftp",
+            lambda: f.update_(_stale("ftp"), P1, grads=P1),
+            ValueError,
+            r"ftp.update_: state is stale",
+        ),
+        (
+            "Ftp",
+            lambda: ftp(lr=0.5).update(_ftp_state(), P1, grads=P1),
+            ValueError,
+            r"ftp.update: state was made by ftp\(annealing=1.0, lr=0.01, betas=\(0.9, 0.999\), "
+            r"eps=1e-08\), but this one is ftp\(annealing=1.0, lr=0.5",
+        ),
+        (
+            "FtpState",
+            lambda: f.update(_prepared(), P1, grads=P1),
+            TypeError,
+            r"ftp.update: state must be the FtpState returned by ftp.init",
+        ),
+        (
+            "FtpState",
+            lambda: f.update(_ftp_state()._replace(live=True), P1, grads=P1),
+            TypeError,
+            r"ftp.update: state must be .* got a malformed one",
+        ),
+    ]
+    return rows
+
+
+ERRORS += _post_step_rows()
+
+
 @pytest.mark.parametrize(
     ("fn", "call", "err", "match"), ERRORS, ids=[f"{e[0]}-{i}" for i, e in enumerate(ERRORS)]
 )
@@ -535,5 +735,10 @@ def test_errors(fn: str, call: Callable[[], Any], err: type, match: str) -> None
 
 def test_error_table_covers_every_public_function() -> None:
     public = {n for n in projections.__all__ if callable(getattr(projections, n))}
-    assert public == {"l2_ball", "l2_ball_", "mars_ball", "mars_ball_", "tpgm"}
+    assert public == {"l2_ball", "l2_ball_", "mars_ball", "mars_ball_", "tpgm", "spd", "ftp"} | {
+        "Spd",
+        "SpdState",
+        "Ftp",
+        "FtpState",
+    }
     assert public <= {e[0] for e in ERRORS}, public - {e[0] for e in ERRORS}

@@ -1,8 +1,9 @@
 """Averages and projections on FSDP2-sharded parameter trees (DTensors), two gloo ranks on CPU.
 
 One spawn: a small MLP is sharded with ``fully_shard``; its ``named_parameters()`` (DTensors,
-unevenly split along dim 0) go through bma / ema / uniform / wise / l2_ball / mars_ball and the
-in-place l2_ball_ / mars_ball_, and every result, gathered with ``full_tensor()``, must match the
+unevenly split along dim 0) go through bma / ema / uniform / wise / l2_ball / mars_ball, the
+in-place l2_ball_ / mars_ball_ and the per-tensor merges (task_vector, task_arithmetic with a
+number, a 0-d tensor and a depth schedule, model_stock, uniform_soup), and every result, gathered with ``full_tensor()``, must match the
 same calls on the unsharded tensors. The
 module is never copied; ``torch.optim.swa_utils.AveragedModel`` needs a deepcopy of it and fails.
 """
@@ -34,7 +35,14 @@ def _body(rank: int, world_size: int) -> dict[str, Any]:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from robustft import averaging
-    from robustft.merging import wise
+    from robustft.merging import (
+        depth_schedule,
+        model_stock,
+        task_arithmetic,
+        task_vector,
+        uniform_soup,
+        wise,
+    )
     from robustft.projections import l2_ball, l2_ball_, mars_ball, mars_ball_
 
     torch.manual_seed(0)
@@ -99,6 +107,39 @@ def _body(rank: int, world_size: int) -> dict[str, Any]:
     l2_ball_(live, anchor=anchor_s, radius=0.2)
     _close(dict(model.named_parameters()), pure_l2, "l2_ball_ on the module's parameters")
     norms = [float((projected[k] - anchor_s[k]).full_tensor().norm()) for k in full]
+
+    # task-vector merges are per tensor: sharded candidates give the unsharded results
+    full_now = {k: v.detach().full_tensor() for k, v in sharded.items()}
+    cands_f = [
+        full_now,
+        *(
+            {k: v + 0.1 * (i + 1) * torch.randn(v.shape, generator=g) for k, v in anchor_f.items()}
+            for i in range(2)
+        ),
+    ]
+    cands_s = [
+        {
+            k: distribute_tensor(v, sharded[k].device_mesh, sharded[k].placements)
+            for k, v in c.items()
+        }
+        for c in cands_f
+    ]
+    _close(
+        task_vector(cands_s[0], anchor=anchor_s),
+        task_vector(cands_f[0], anchor=anchor_f),
+        "task_vector",
+    )
+    sched = depth_schedule(full, start=0.5, end=1.0, depth_of=lambda k: int(k.split(".")[0]))
+    for scale in (0.4, torch.tensor(0.4), sched):
+        _close(
+            task_arithmetic(cands_s, anchor=anchor_s, scale=scale),
+            task_arithmetic(cands_f, anchor=anchor_f, scale=scale),
+            f"task_arithmetic, scale {type(scale).__name__}",
+        )
+    _close(
+        model_stock(cands_s, anchor=anchor_s), model_stock(cands_f, anchor=anchor_f), "model_stock"
+    )
+    _close(uniform_soup(iter(cands_s)), uniform_soup(cands_f), "uniform_soup")
 
     try:
         AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))

@@ -7,12 +7,11 @@ gives them (``encode_image``, ``encode_text``, ``token_embedding``, ``sot_token_
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import string
 import sys
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.stateless import _reparametrize_module
 
 from robustft._checks import check_int, describe, fmt_keys
+from robustft._modules import eval_mode
 from robustft.tree import check_tree
 
 __all__ = [
@@ -121,22 +121,6 @@ def model_device(model: nn.Module) -> torch.device:
     for p in unwrap(model).parameters():
         return p.device
     return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode, then restore each one's own ``training`` flag.
-
-    Restoring per submodule (not ``model.train(flag)``) keeps a mixed state intact, e.g. UEO's
-    visual tower in eval mode inside a model otherwise in training mode.
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 # Parameter and buffer names per model, computed once per structure (issue 13: rebuilding the

@@ -1,4 +1,4 @@
-"""Objectives of robust CLIP fine-tuning: CLIPood, UEO, Lipsum-FT and the baselines they beat.
+"""Objectives of robust CLIP fine-tuning: CLIPood, UEO, Lipsum-FT, CaRot and their baselines.
 
 Pure functions over tensors and parameter trees, called inside your own training loop. Features
 are raw encoder outputs (L2-normalised inside); hyper-parameters and the reference (frozen,
@@ -9,8 +9,9 @@ pre-trained, teacher) side of two-sided losses are keyword-only (``l2sp(params, 
 float32, and results stay float32 under autocast.
 
 Empty batches: ``reduction="none"`` gives ``[0]``, ``"sum"`` and ``"mean"`` give 0 (not the NaN of
-0 / 0), with a zero gradient; the coupled losses (:func:`ueo`, :func:`clip_contrastive`) give 0
-likewise, and with ``group=`` a rank with an empty local batch takes part in every collective.
+0 / 0), with a zero gradient; the coupled losses (:func:`ueo`, :func:`clip_contrastive`,
+:func:`sigmoid_contrastive`) give 0 likewise, and with ``group=`` a rank with an empty local
+batch takes part in every collective.
 """
 
 from robustft.losses._contrastive import clip_contrastive
@@ -23,6 +24,8 @@ from robustft.losses._energy_gap import energy_gap
 from robustft.losses._entropy import entropy, ueo, ueo_confidence
 from robustft.losses._l2sp import l2sp
 from robustft.losses._margin import margin_metric_logits, margin_metric_softmax, text_distances
+from robustft.losses._orthogonality import orthogonality
+from robustft.losses._sigmoid import sigmoid_contrastive
 
 __all__ = [
     "clip_contrastive",
@@ -34,6 +37,8 @@ __all__ = [
     "l2sp",
     "margin_metric_logits",
     "margin_metric_softmax",
+    "orthogonality",
+    "sigmoid_contrastive",
     "text_distances",
     "ueo",
     "ueo_confidence",

@@ -3,37 +3,19 @@ r"""Model soups: the uniform and the greedy average of fine-tuned candidates, st
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from robustft import tree
-from robustft._checks import check_floating_tree, describe, is_real_number
+from robustft._checks import describe, is_real_number
 from robustft._numerics import compute_dtype
+from robustft.merging._stream import Stream
 from robustft.typing import Params
 
-_HINT = (
-    "integer and bool buffers (e.g. BatchNorm's num_batches_tracked) cannot be averaged: leave "
-    "them out (robustft.tree.partition) and copy them yourself"
-)
-
 __all__ = ["greedy_soup", "uniform_soup"]
-
-
-def _check_candidates(fn: str, candidates: object) -> Sequence[Params]:
-    if isinstance(candidates, Mapping) or not isinstance(candidates, Sequence):
-        raise TypeError(
-            f"{fn}: candidates must be a sequence of parameter trees, got {describe(candidates)}"
-        )
-    if len(candidates) == 0:
-        raise ValueError(f"{fn}: candidates must hold at least one parameter tree, got none")
-    first = check_floating_tree(fn, "candidates[0]", candidates[0], hint=_HINT)
-    for i, c in enumerate(candidates[1:], start=1):
-        check_floating_tree(fn, f"candidates[{i}]", c, hint=_HINT)
-        tree.check_same_structure(first, c, what=fn, names=("candidates[0]", f"candidates[{i}]"))
-    return candidates
 
 
 def _accumulator(first: Params) -> dict[str, Tensor]:
@@ -42,28 +24,27 @@ def _accumulator(first: Params) -> dict[str, Tensor]:
         return {k: v.detach().to(dtype=compute_dtype(v.dtype), copy=True) for k, v in first.items()}
 
 
-def _cast_back(acc: Params, like: Params) -> dict[str, Tensor]:
-    """``acc`` in ``like``'s dtypes (no copy where they already match)."""
-    return {k: v.to(like[k].dtype) for k, v in acc.items()}
-
-
-def uniform_soup(candidates: Sequence[Params]) -> dict[str, Tensor]:
+def uniform_soup(candidates: Iterable[Params]) -> dict[str, Tensor]:
     r"""The uniform soup: the mean of the candidates' parameters.
 
     .. math:: \theta_{\mathrm{soup}} = \frac{1}{N}\sum_{i=1}^{N} \theta^{(i)}
 
-    Streamed as a running mean in at least float32 (one accumulator tree; each candidate is read
-    once), returned in the candidates' dtype.
+    Streamed as a running mean in at least float32, returned in the candidates' dtype: each
+    candidate is read once, as it arrives, and dropped before the next one is loaded, so besides
+    the one accumulator tree only the current candidate is alive (a list, a generator or
+    :func:`lazy` of checkpoints on disk).
 
     Args:
         candidates: ``N >= 1`` trees with the same keys, shapes and floating dtypes (e.g. models
-            fine-tuned from the same pre-trained weights with different hyper-parameters).
+            fine-tuned from the same pre-trained weights with different hyper-parameters), as
+            an iterable.
 
     Returns:
         A new tree (inputs untouched).
 
     Raises:
-        TypeError: if ``candidates`` is not a sequence of floating-point trees.
+        TypeError: if ``candidates`` is not an iterable of floating-point trees (a single tree
+            is not), or their dtypes differ.
         ValueError: if it is empty or the trees' keys or shapes differ.
 
     >>> uniform_soup([{"w": torch.tensor([1.0])}, {"w": torch.tensor([2.0])}, {"w": torch.tensor([6.0])}])
@@ -74,12 +55,20 @@ def uniform_soup(candidates: Sequence[Params]) -> dict[str, Tensor]:
         accuracy without increasing inference time", ICML 2022.
         Code: https://github.com/mlfoundations/model-soups
     """
-    _check_candidates("uniform_soup", candidates)
-    soup = _accumulator(candidates[0])
-    with torch.no_grad():
-        for i, c in enumerate(candidates[1:], start=1):
+    stream = Stream("uniform_soup", candidates)
+    soup: dict[str, Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+
+    def visit(i: int, c: Params) -> None:
+        if i == 0:
+            soup.update(_accumulator(c))
+            dtypes.update((k, v.dtype) for k, v in c.items())
+        else:
             tree.lerp_(soup, c, 1.0 / (i + 1))
-    return _cast_back(soup, candidates[0])
+
+    with torch.no_grad():
+        stream.each(visit)
+    return {k: v.to(dtypes[k]) for k, v in soup.items()}
 
 
 def _trial(soup: dict[str, Tensor], cand: Params, w: float) -> dict[str, Tensor]:
@@ -130,12 +119,16 @@ def greedy_soup(
     (:math:`n` ingredients so far) and kept when ``evaluate`` of it is greater than the best score
     so far (``strict=True``, the official code's ``>``) or not smaller (``strict=False``).
 
-    Streaming: besides the inputs, at most two candidate-sized trees are alive -- the soup and the
-    trial (a float32 soup of bf16 candidates counts double, plus one tensor's conversion). ``evaluate`` receives the trial in the
-    candidates' dtype; it is called once per candidate and once per trial (``2N - 1`` calls).
+    Streaming, two passes: each candidate is loaded once to be scored, then once more (in score
+    order) to build the soup, so ``candidates`` must be a sequence -- a list, or :func:`lazy` for
+    checkpoints on disk (``2N`` loads) -- not a one-shot iterator. Besides the current candidate
+    at most two candidate-sized trees are alive -- the soup and the trial (a float32 soup of bf16
+    candidates counts double, plus one tensor's conversion). ``evaluate`` receives the trial in
+    the candidates' dtype; it is called once per candidate and once per trial (``2N - 1`` calls).
 
     Args:
-        candidates: ``N >= 1`` trees with the same keys, shapes and floating dtypes.
+        candidates: ``N >= 1`` trees with the same keys, shapes and floating dtypes, as a
+            sequence.
         evaluate: ``(params) -> score``, higher is better (e.g. held-out accuracy through
             ``torch.func.functional_call``); a real number or a one-element tensor.
         strict: keep a candidate only on a strict improvement.
@@ -145,7 +138,8 @@ def greedy_soup(
         ``candidates`` of its ingredients, in the order they were added.
 
     Raises:
-        TypeError: bad ``candidates``, a non-callable ``evaluate`` or a non-number score.
+        TypeError: ``candidates`` not a sequence of floating trees (a generator is not), a
+            non-callable ``evaluate`` or a non-number score.
         ValueError: no candidates, mismatched trees, or a NaN score.
 
     >>> cands = [{"w": torch.tensor([0.0])}, {"w": torch.tensor([2.0])}, {"w": torch.tensor([9.0])}]
@@ -157,28 +151,37 @@ def greedy_soup(
         Wortsman et al., "Model soups", ICML 2022, Recipe 1.
         Code: https://github.com/mlfoundations/model-soups
     """
-    _check_candidates("greedy_soup", candidates)
+    stream = Stream("greedy_soup", candidates, passes=2)
     if not callable(evaluate):
         raise TypeError(f"greedy_soup: evaluate must be callable, got {describe(evaluate)}")
     if not isinstance(strict, bool):
         raise TypeError(f"greedy_soup: strict must be a bool, got {describe(strict)}")
-    scores = [_score(evaluate, dict(c), f"candidates[{i}]") for i, c in enumerate(candidates)]
-    order = sorted(range(len(candidates)), key=lambda i: -scores[i])
-    like = candidates[0]
-    soup = _accumulator(candidates[order[0]])
-    kept, best = [order[0]], scores[order[0]]
-    for i in order[1:]:
-        w = 1.0 / (len(kept) + 1)
-        trial = _trial(soup, candidates[i], w)
-        score = _score(evaluate, trial, f"the soup with candidates[{i}]")
-        if score > best or (not strict and score == best):
+    scores: list[float] = []
+    stream.each(lambda i, c: scores.append(_score(evaluate, dict(c), f"candidates[{i}]")))
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    soup: dict[str, Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    kept: list[int] = []
+    best = [scores[order[0]]]
+
+    def add(i: int, c: Params) -> None:
+        if not kept:  # the best candidate starts the soup
+            soup.update(_accumulator(c))
+            dtypes.update((k, v.dtype) for k, v in c.items())
             kept.append(i)
-            best = score
+            return
+        w = 1.0 / (len(kept) + 1)
+        trial = _trial(soup, c, w)
+        score = _score(evaluate, trial, f"the soup with candidates[{i}]")
+        if score > best[0] or (not strict and score == best[0]):
+            kept.append(i)
+            best[0] = score
             if all(trial[k].dtype == soup[k].dtype for k in soup):
-                soup = trial  # the trial is the new soup: nothing to recompute
+                soup.update(trial)  # the trial is the new soup: nothing to recompute
             else:
-                trial = {}
+                trial.clear()
                 with torch.no_grad():
-                    tree.lerp_(soup, candidates[i], w)
-        trial = {}
-    return _cast_back(soup, like), kept
+                    tree.lerp_(soup, c, w)
+
+    stream.each(add, order=order)
+    return {k: v.to(dtypes[k]) for k, v in soup.items()}, kept

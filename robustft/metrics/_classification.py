@@ -25,10 +25,11 @@ from robustft.metrics._validate import check_known_labels, check_logits_labels
 __all__ = ["accuracy", "ece", "nll", "per_sample", "reduce_accuracy", "reduce_ece", "reduce_nll"]
 
 
-def per_sample(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sample ``(correct, confidence, nll_term)`` of ``[batch, classes]`` logits (private kernel).
+def per_sample(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-sample ``(prediction, correct, confidence, nll_term)`` of logits (private kernel).
 
-    ``correct`` is bool ``argmax == label``; ``confidence`` the maximum softmax probability and
+    ``prediction`` is the int64 argmax (ties to the lowest index); ``correct`` is bool
+    ``prediction == label``; ``confidence`` the maximum softmax probability and
     ``nll_term`` the cross-entropy of the label, both in :func:`compute_dtype`. A label outside
     ``[0, classes)`` gets ``correct = False`` and the term of class 0 (callers mask it out).
     Row-wise only, so the values of a row do not depend on the batch it came in.
@@ -38,10 +39,11 @@ def per_sample(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         classes = z.shape[-1]
         known = (labels >= 0) & (labels < classes)
         safe = torch.where(known, labels, torch.zeros_like(labels))
-        correct = known & (z.argmax(dim=-1) == labels)
+        prediction = z.argmax(dim=-1)
+        correct = known & (prediction == labels)
         confidence = torch.softmax(z, dim=-1).amax(dim=-1)
         nll_term = F.cross_entropy(z, safe, reduction="none")
-    return correct, confidence, nll_term
+    return prediction, correct, confidence, nll_term
 
 
 def reduce_accuracy(correct: Tensor, dtype: torch.dtype) -> Tensor:
@@ -132,7 +134,7 @@ def nll(logits: Tensor, labels: Tensor) -> Tensor:
     fn = "nll"
     labels, _, classes = check_logits_labels(fn, logits, labels)
     check_known_labels(fn, labels, classes)
-    _, _, nll_term = per_sample(logits, labels)
+    *_, nll_term = per_sample(logits, labels)
     return reduce_nll(nll_term)
 
 
@@ -184,5 +186,5 @@ def ece(logits: Tensor, labels: Tensor, *, num_bins: int = 15) -> Tensor:
     labels, _, classes = check_logits_labels(fn, logits, labels)
     num_bins = check_int(fn, "num_bins", num_bins, low=1)
     check_known_labels(fn, labels, classes)
-    correct, confidence, _ = per_sample(logits, labels)
+    _, correct, confidence, _ = per_sample(logits, labels)
     return reduce_ece(correct, confidence, num_bins)

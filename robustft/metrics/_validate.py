@@ -97,33 +97,43 @@ def check_scores(
     return scores
 
 
-def check_binary_targets(fn: str, scores: Tensor, is_positive: Tensor) -> tuple[Tensor, int, int]:
+def check_binary_targets(
+    fn: str, scores: Tensor, is_positive: Tensor, *, name: str = "is_positive"
+) -> tuple[Tensor, int, int]:
     """``scores`` ``[n]`` and ``is_positive`` ``[n]`` (bool, or integers in {0, 1}).
 
-    Returns the boolean mask and the numbers of positives and negatives, both >= 1.
+    Returns the boolean mask and the numbers of positives and negatives, both >= 1. ``name`` is
+    the mask's argument name in messages (``is_known`` for AUPR-in/out).
     """
     check_scores(fn, scores)
-    check_tensor(fn, "is_positive", is_positive)
+    check_tensor(fn, name, is_positive)
     if is_positive.is_floating_point() or is_positive.is_complex():
         raise TypeError(
-            f"{fn}: is_positive must be a bool tensor (or integers in {{0, 1}}), got dtype "
+            f"{fn}: {name} must be a bool tensor (or integers in {{0, 1}}), got dtype "
             f"{is_positive.dtype}"
         )
     if is_positive.shape != scores.shape:
         raise ValueError(
-            f"{fn}: is_positive must have the shape of scores {tuple(scores.shape)}, got shape "
+            f"{fn}: {name} must have the shape of scores {tuple(scores.shape)}, got shape "
             f"{tuple(is_positive.shape)}"
         )
     if is_positive.dtype != torch.bool:
         if bool(((is_positive != 0) & (is_positive != 1)).any()):
-            raise ValueError(f"{fn}: is_positive must contain only 0 and 1 (or be a bool tensor)")
+            raise ValueError(f"{fn}: {name} must contain only 0 and 1 (or be a bool tensor)")
         is_positive = is_positive != 0
     positives = int(is_positive.sum())
     negatives = int(is_positive.numel()) - positives
     if positives == 0 or negatives == 0:
+        if name == "is_known":  # AUPR-in/out: the positives are the known samples
+            need, got = "one known and one unknown", f"{positives} known and {negatives} unknown"
+        else:
+            need, got = (
+                "one positive and one negative",
+                (f"{positives} positive(s) and {negatives} negative(s)"),
+            )
         raise ValueError(
-            f"{fn}: is_positive must contain at least one positive and one negative sample, got "
-            f"{positives} positive(s) and {negatives} negative(s); the metric is undefined (0/0)"
+            f"{fn}: {name} must contain at least {need} sample, got {got}; the metric is "
+            f"undefined (0/0) or trivial without both"
         )
     return is_positive, positives, negatives
 

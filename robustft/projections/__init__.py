@@ -2,7 +2,10 @@
 
 :func:`l2_ball` and :func:`mars_ball` project every tensor onto a ball around the pre-trained
 weights (the keyword-only ``anchor=``); :func:`tpgm` learns those balls' radii on held-out data
-(TPGM). The pure forms return new trees and never mutate their inputs, are branch-free and
+(TPGM). :func:`spd` (selective projection decay) and :func:`ftp` (fast trainable projection,
+per-tensor MARS radii learned online) are TPGM's successors as post-step operations: ``(init,
+update, update_)`` factories whose states record their settings, run after any optimiser's step
+(SPD also reads the gradient before it, :meth:`Spd.prepare`). The pure forms return new trees and never mutate their inputs, are branch-free and
 differentiable; :func:`l2_ball_` and :func:`mars_ball_` write the same projection into the
 trained parameters for per-step use, without a parameter-sized temporary. All work on sharded
 (FSDP2 ``DTensor``) trees with global norms. Interpolation (WiSE-FT) and soups combine finished
@@ -10,6 +13,20 @@ runs and live in :mod:`robustft.merging`.
 """
 
 from robustft.projections._balls import l2_ball, l2_ball_, mars_ball, mars_ball_
+from robustft.projections._ftp import Ftp, FtpState, ftp
+from robustft.projections._spd import Spd, SpdState, spd
 from robustft.projections._tpgm import tpgm
 
-__all__ = ["l2_ball", "l2_ball_", "mars_ball", "mars_ball_", "tpgm"]
+__all__ = [
+    "Ftp",
+    "FtpState",
+    "Spd",
+    "SpdState",
+    "ftp",
+    "l2_ball",
+    "l2_ball_",
+    "mars_ball",
+    "mars_ball_",
+    "spd",
+    "tpgm",
+]

@@ -115,3 +115,30 @@ def clip_ref(f: Tensor, g: Tensor, s: float) -> float:
     i2t = sum(-_log_softmax(S[i])[i] for i in range(B)) / B
     t2i = sum(-_log_softmax([S[j][i] for j in range(B)])[i] for i in range(B)) / B
     return 0.5 * (i2t + t2i)
+
+
+def orthogonality_ref(W: Tensor, squared: bool = True) -> float:
+    """CaRot: ‖WᵀW − I‖_F (² if squared) with W oriented so that rows ≥ columns (Gram k×k)."""
+    rows = [[float(v) for v in r] for r in W]
+    if len(rows) < len(rows[0]):  # the smaller side: transpose into m >= n
+        rows = [list(col) for col in zip(*rows)]
+    m, n = len(rows), len(rows[0])
+    total = 0.0
+    for a in range(n):
+        for b in range(n):
+            gab = sum(rows[i][a] * rows[i][b] for i in range(m))
+            total += (gab - (1.0 if a == b else 0.0)) ** 2
+    return total if squared else math.sqrt(total)
+
+
+def sigmoid_ref(x: Tensor, y: Tensor, t: float, b: float) -> float:
+    """SigLIP: −(1/B) Σ_i Σ_j log σ(z_ij (t·cos(x_i, y_j) + b)), z_ii = 1, z_ij = −1 otherwise."""
+    B = x.shape[0]
+    total = 0.0
+    for i in range(B):
+        for j in range(B):
+            z = 1.0 if i == j else -1.0
+            u = z * (t * _cos(x[i], y[j]) + b)
+            # −log σ(u) = log(1 + e^{−u}), written stably for either sign of u
+            total += math.log1p(math.exp(-u)) if u >= 0 else -u + math.log1p(math.exp(u))
+    return total / max(B, 1)

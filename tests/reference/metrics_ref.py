@@ -156,3 +156,56 @@ def energy_gap_ref(
             total += (a - b) ** 2
         out.append(total / (2 * len(texts)))
     return out
+
+
+def _predictions(logits: torch.Tensor) -> list[int]:
+    return [_argmax(r) for r in _rows(logits)]
+
+
+def macro_f1_ref(logits: torch.Tensor, labels: torch.Tensor, average_over: str = "union") -> float:
+    """Per class: 2TP / (2TP + FP + FN) counted by a loop; mean over the union (or the labels)."""
+    preds, ys = _predictions(logits), labels.tolist()
+    classes = sorted(set(ys) | set(preds)) if average_over == "union" else sorted(set(ys))
+    f1 = []
+    for c in classes:
+        tp = sum(1 for p, y in zip(preds, ys) if p == c and y == c)
+        fp = sum(1 for p, y in zip(preds, ys) if p == c and y != c)
+        fn = sum(1 for p, y in zip(preds, ys) if p != c and y == c)
+        f1.append(2 * tp / (2 * tp + fp + fn))
+    return sum(f1) / len(f1)
+
+
+def per_class_accuracy_ref(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over the classes in the labels of the share of that class's samples predicted right."""
+    preds, ys = _predictions(logits), labels.tolist()
+    recalls = []
+    for c in sorted(set(ys)):
+        members = [i for i, y in enumerate(ys) if y == c]
+        recalls.append(sum(1 for i in members if preds[i] == c) / len(members))
+    return sum(recalls) / len(recalls)
+
+
+def worst_group_accuracy_ref(
+    logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor
+) -> float:
+    preds, ys, gs = _predictions(logits), labels.tolist(), groups.tolist()
+    accs = []
+    for g in set(gs):
+        members = [i for i, h in enumerate(gs) if h == g]
+        accs.append(sum(1 for i in members if preds[i] == ys[i]) / len(members))
+    return min(accs)
+
+
+def average_precision_ref(scores: torch.Tensor, is_positive: torch.Tensor) -> float:
+    """Mean over the positives of the precision among the samples scoring at least as high.
+
+    Equal to sum_k (R_k - R_{k-1}) P_k over the distinct thresholds: every positive in a tie group
+    gets the group's precision, and each positive adds 1/P of recall.
+    """
+    s, p = scores.double().tolist(), [bool(v) for v in is_positive.tolist()]
+    precisions = []
+    for si, pi in zip(s, p):
+        if pi:
+            above = [q for v, q in zip(s, p) if v >= si]
+            precisions.append(sum(above) / len(above))
+    return sum(precisions) / len(precisions)
