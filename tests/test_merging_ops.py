@@ -16,12 +16,12 @@ import torch
 from _memory import peak_alloc_bytes
 from hypothesis import given
 from hypothesis import strategies as st
+from reference.averaging_ref import uniform_ref
 from reference.merging_ref import (
     kept_ref,
     model_stock_ref,
     task_arithmetic_ref,
     ties_ref,
-    uniform_ref,
 )
 from strategies import tree_pairs
 

@@ -9,7 +9,8 @@ import torch
 from _memory import peak_alloc_bytes
 from hypothesis import given
 from hypothesis import strategies as st
-from reference.merging_ref import greedy_soup_ref, uniform_ref
+from reference.averaging_ref import uniform_ref
+from reference.merging_ref import greedy_soup_ref
 from strategies import tree_pairs
 
 from robustft import merging

@@ -6,7 +6,7 @@ soups recipe as the official code writes it: no code path shared with the librar
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import scipy.special
@@ -75,23 +75,3 @@ def ema_ref(trajectory: Sequence[Tree], decay: float) -> Tree:
 
 def uniform_ref(trajectory: Sequence[Tree]) -> Tree:
     return weighted_mean_ref(trajectory, [1.0] * len(trajectory))
-
-
-def greedy_soup_ref(
-    candidates: Sequence[Tree], evaluate: Callable[[Tree], float], strict: bool = True
-) -> tuple[Tree, list[int]]:
-    """Recipe 1 of model soups as the official code runs it (ingredients kept on ``>``)."""
-    scores = [evaluate(c) for c in candidates]
-    order = sorted(range(len(candidates)), key=lambda i: scores[i], reverse=True)
-    soup = {k: v.double().clone() for k, v in candidates[order[0]].items()}
-    kept, best = [order[0]], scores[order[0]]
-    for i in order[1:]:
-        n = len(kept)
-        trial = {
-            k: soup[k] * (n / (n + 1.0)) + candidates[i][k].double() * (1.0 / (n + 1)) for k in soup
-        }
-        score = evaluate(trial)
-        if score > best or (not strict and score >= best):
-            soup, best = trial, score
-            kept.append(i)
-    return soup, kept

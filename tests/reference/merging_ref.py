@@ -19,17 +19,6 @@ def wise_ref(anchor: Tree, params: Tree, alpha: float) -> Tree:
     return {k: (1 - alpha) * anchor[k].double() + alpha * params[k].double() for k in anchor}
 
 
-def uniform_ref(candidates: Sequence[Tree]) -> Tree:
-    """The plain mean of the candidates, in float64."""
-    out = {}
-    for k in candidates[0]:
-        acc = torch.zeros_like(candidates[0][k], dtype=torch.float64)
-        for c in candidates:
-            acc = acc + c[k].double()
-        out[k] = acc / len(candidates)
-    return out
-
-
 def greedy_soup_ref(
     candidates: Sequence[Tree],
     evaluate: Callable[[Tree], float],
