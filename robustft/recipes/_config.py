@@ -1,0 +1,290 @@
+"""The configuration of a recipe run: one dataclass, per-method defaults from the papers (SPEC §7).
+
+Every field is a command-line flag of the same name (``--batch-size`` for ``batch_size``) and a
+key of the YAML/JSON file given with ``--config``; flags override the file, the file overrides
+the method's defaults, and the method's defaults override the generic ones. The resolved
+configuration is written to ``config.json`` in the run folder, and ``--resume RUN`` reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from robustft._checks import describe
+
+__all__ = [
+    "AVERAGES",
+    "METHODS",
+    "METHOD_DEFAULTS",
+    "SCORES",
+    "RunConfig",
+    "load_config_file",
+    "resolve",
+]
+
+SUPERVISED = ("ft", "lp-ft", "l2sp", "kd", "car-ft", "feature-kd", "flyp", "lipsum", "clipood")
+UNSUPERVISED = ("ueo", "entropy", "im")
+METHODS = SUPERVISED + UNSUPERVISED
+"""Every trainable method, supervised first (``robustft finetune``), then unsupervised
+(``robustft ueo``)."""
+AVERAGES = ("none", "ema", "bma", "uniform")
+SCORES = ("msp", "mcm", "energy", "max_logit")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything that defines a training run; ``None`` means "the method's default".
+
+    See :data:`METHOD_DEFAULTS` for the per-method values and ``robustft finetune --help`` for
+    the meaning of each field (the help strings below).
+    """
+
+    # what
+    method: str = _f("ft", "the method: " + ", ".join(METHODS), choices=METHODS)
+    model: str = _f("ViT-B-16", "open_clip model name, or a path to an open_clip model config JSON")
+    pretrained: str | None = _f(
+        None, "open_clip pretrained tag (e.g. openai) or a local checkpoint file; none = random init"
+    )
+    # data
+    train: str = _f("", "ImageFolder root of the training images (one folder per class)")
+    val: str | None = _f(None, "ImageFolder root of the validation split; none = held out of train")
+    val_fraction: float = _f(0.1, "fraction of each class held out of train when --val is absent")
+    eval: dict[str, str] = dataclasses.field(
+        default_factory=dict,
+        metadata={
+            "help": "evaluation set NAME=DIR (repeatable); folders outside the classes are "
+            "unknown classes (open set)",
+            "repeat": True,
+        },
+    )
+    classnames: str | None = _f(
+        None, "class names file: one class per line, 'folder' or 'folder<TAB>name'; or JSON"
+    )
+    templates: str = _f("openai", "zero-shot head prompts: openai (80 templates) or simple (1)")
+    output: str = _f("runs/run", "run folder (created; config, metrics, results, weights)")
+    # optimisation
+    steps: int | None = _f(None, "optimiser steps (default: the method's, or from --epochs)")
+    epochs: float | None = _f(None, "epochs instead of --steps (UEO's protocol: 5)")
+    batch_size: int | None = _f(None, "global batch per optimiser step, over all ranks")
+    accumulation: int = _f(1, "gradient-accumulation micro-steps per optimiser step")
+    optimizer: str | None = _f(None, "adamw or sgd", choices=("adamw", "sgd"))
+    lr: float | None = _f(None, "peak learning rate")
+    weight_decay: float | None = _f(None, "decoupled (AdamW) or L2 (SGD) weight decay")
+    momentum: float = _f(0.0, "SGD momentum (UEO uses none)")
+    warmup: float | None = _f(None, "linear warm-up, as a fraction of the steps")
+    schedule: str = _f("cosine", "cosine or constant after the warm-up", choices=("cosine", "constant"))
+    grad_clip: float | None = _f(None, "clip the global gradient norm to this value")
+    average: str | None = _f(None, "trajectory average: " + ", ".join(AVERAGES), choices=AVERAGES)
+    ema_decay: float = _f(0.999, "EMA decay per step")
+    bma_beta: float = _f(0.5, "BMA's Beta(β, β) (CLIPood: 0.5; 0.1 for open classes)")
+    # method hyper-parameters (the papers' units)
+    margin: float = _f(0.3, "CLIPood: margin λ of the margin metric softmax")
+    reg_weight: float | None = _f(
+        None, "weight of the regulariser: L2-SP, KD, CAR-FT, FeatKD or Lipsum-FT's λ"
+    )
+    temperature: float = _f(1.0, "KD temperature")
+    lipsum_texts: int = _f(80, "Lipsum-FT: random texts per step (M)")
+    lipsum_length: int = _f(8, "Lipsum-FT: tokens per random text (L)")
+    trade_off: float = _f(1.0, "UEO/IM: weight γ of the marginal-entropy term")
+    prompt: str = _f("a photo of a", "UEO: the words the learned context starts from")
+    lp_c: str = _f("0.01,0.1,1,10,100", "LP-FT: logistic-regression strengths to pick on val")
+    # evaluation
+    score: str | None = _f(None, "OOD score: msp, mcm (MSP at scale 1, UEO's), energy, max_logit")
+    tpr: float = _f(0.95, "open-set threshold: accept this fraction of the validation knowns")
+    eval_every: int = _f(0, "evaluate the validation split every N steps (0: at the end only)")
+    select: str = _f("last", "weights reported: last or best (on validation accuracy)", choices=("last", "best"))
+    # runtime
+    seed: int = _f(0, "seed of the data order, augmentation and random texts")
+    precision: str = _f("auto", "auto (bf16 autocast on GPU), fp32 or bf16", choices=("auto", "fp32", "bf16"))
+    device: str | None = _f(None, "device (default: cuda if available, else cpu)")
+    distributed: str = _f("ddp", "under torchrun: ddp or fsdp (FSDP2)", choices=("ddp", "fsdp"))
+    workers: int = _f(4, "DataLoader worker processes per rank")
+    log_every: int = _f(10, "steps between metrics.jsonl lines")
+    save_every: int = _f(100, "steps between resumable checkpoints (0: only at the end)")
+    progress: bool = _f(True, "show a tqdm progress bar on rank 0")
+
+    def to_json(self) -> dict[str, Any]:
+        """The configuration as a JSON-able dict (every field)."""
+        return dataclasses.asdict(self)
+
+
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    # the generic supervised defaults (FT as WiSE-FT / FLYP fine-tune CLIP: AdamW, wd 0.1, cosine)
+    "ft": dict(optimizer="adamw", lr=1e-5, weight_decay=0.1, warmup=0.1, batch_size=256,
+               steps=5000, average="none"),
+    "lp-ft": dict(optimizer="adamw", lr=1e-5, weight_decay=0.1, warmup=0.1, batch_size=256,
+                  steps=5000, average="none"),
+    "l2sp": dict(optimizer="adamw", lr=1e-5, weight_decay=0.0, warmup=0.1, batch_size=256,
+                 steps=5000, average="none", reg_weight=0.1),
+    "kd": dict(optimizer="adamw", lr=1e-5, weight_decay=0.1, warmup=0.1, batch_size=256,
+               steps=5000, average="none", reg_weight=1.0),
+    "car-ft": dict(optimizer="adamw", lr=1e-5, weight_decay=0.1, warmup=0.1, batch_size=256,
+                   steps=5000, average="none", reg_weight=1.0),
+    "feature-kd": dict(optimizer="adamw", lr=1e-5, weight_decay=0.1, warmup=0.1,
+                       batch_size=256, steps=5000, average="none", reg_weight=1.0),
+    "flyp": dict(optimizer="adamw", lr=1e-5, weight_decay=0.1, warmup=0.1, batch_size=256,
+                 steps=5000, average="none"),
+    # Lipsum-FT (Nam et al. 2024, Table 7 / code): AdamW lr 1e-5, no weight decay, batch 256,
+    # 10 % warm-up + cosine, M = 80, L = 8, λ = 1 at the paper's scale 100 (SPEC §4)
+    "lipsum": dict(optimizer="adamw", lr=1e-5, weight_decay=0.0, warmup=0.1, batch_size=256,
+                   steps=5000, average="none", reg_weight=1.0),
+    # CLIPood (Shu et al. 2023, code): AdamW lr 1e-5, wd 0.1, cosine without warm-up, λ 0.3, BMA β 0.5
+    "clipood": dict(optimizer="adamw", lr=1e-5, weight_decay=0.1, warmup=0.0, batch_size=36,
+                    steps=5000, average="bma"),
+    # UEO (Liang et al. 2024, code): SGD lr 1e-4 without momentum, cosine per iteration, batch 64,
+    # 5 epochs, γ = 1, MSP at scale 1 as the OOD score
+    "ueo": dict(optimizer="sgd", lr=1e-4, weight_decay=0.0, warmup=0.0, batch_size=64,
+                epochs=5.0, average="none", score="mcm"),
+    "entropy": dict(optimizer="sgd", lr=1e-4, weight_decay=0.0, warmup=0.0, batch_size=64,
+                    epochs=5.0, average="none", score="mcm", trade_off=0.0),
+    "im": dict(optimizer="sgd", lr=1e-4, weight_decay=0.0, warmup=0.0, batch_size=64,
+               epochs=5.0, average="none", score="mcm"),
+}
+"""Per-method defaults (SPEC §7); a value the user sets always wins."""
+
+
+def _named_paths(fn: str, value: Any) -> dict[str, str]:
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        out: dict[str, str] = {}
+        for spec in value:
+            name, sep, path = str(spec).partition("=")
+            if not sep:
+                name, path = Path(spec).name, str(spec)
+            if not name or not path:
+                raise ValueError(f"{fn}: eval entries must be NAME=DIR, got {spec!r}")
+            if name in out:
+                raise ValueError(f"{fn}: eval names must be unique, got {name!r} twice")
+            out[name] = path
+        return out
+    raise TypeError(f"{fn}: eval must be a mapping NAME -> DIR or a list of NAME=DIR, got {describe(value)}")
+
+
+def resolve(overrides: Mapping[str, Any], *, method: str | None = None) -> RunConfig:
+    """Build the resolved configuration: generic defaults < method defaults < ``overrides``.
+
+    Args:
+        overrides: field values set by the user (flags and/or a file); ``None`` values are unset.
+        method: the method, if not in ``overrides``.
+
+    Returns:
+        The :class:`RunConfig` with every per-method default filled in.
+
+    Raises:
+        ValueError: on an unknown field, an unknown method or choice, or an out-of-range value.
+        TypeError: on a value of the wrong type.
+
+    Example:
+        >>> config = resolve({"train": "data/train", "lr": 3e-5}, method="clipood")
+        >>> config.optimizer, config.lr, config.weight_decay, config.average, config.batch_size
+        ('adamw', 3e-05, 0.1, 'bma', 36)
+    """
+    fn = "resolve"
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"{fn}: unknown configuration keys {unknown}; known: {sorted(fields)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    name = given.pop("method", None) or method or "ft"
+    if name not in METHODS:
+        raise ValueError(f"{fn}: method must be one of {', '.join(METHODS)}, got {name!r}")
+    values: dict[str, Any] = {**METHOD_DEFAULTS[name], **given, "method": name}
+    if "eval" in values:
+        values["eval"] = _named_paths(fn, values["eval"])
+    config = RunConfig(**values)
+    _validate(fn, config, fields)
+    return config
+
+
+def _validate(fn: str, c: RunConfig, fields: Mapping[str, dataclasses.Field[Any]]) -> None:
+    for name, f in fields.items():
+        value = getattr(c, name)
+        choices = f.metadata.get("choices")
+        if choices and value is not None and value not in choices:
+            raise ValueError(f"{fn}: {name} must be one of {', '.join(choices)}, got {value!r}")
+    if c.score is not None and c.score not in SCORES:
+        raise ValueError(f"{fn}: score must be one of {', '.join(SCORES)}, got {c.score!r}")
+    positive_ints = ("batch_size", "accumulation", "lipsum_texts", "lipsum_length", "log_every")
+    for name in ("steps", *positive_ints):
+        value = getattr(c, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{fn}: {name} must be an integer >= 1, got {value!r}")
+    for name in ("workers", "save_every", "eval_every", "seed"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{fn}: {name} must be an integer >= 0, got {value!r}")
+    if c.steps is None and c.epochs is None:
+        raise ValueError(f"{fn}: one of steps or epochs must be set, got neither")
+    if c.epochs is not None and not (isinstance(c.epochs, (int, float)) and c.epochs > 0):
+        raise ValueError(f"{fn}: epochs must be a positive number, got {c.epochs!r}")
+    checks = {
+        "lr": (c.lr, lambda v: v > 0, "> 0"),
+        "weight_decay": (c.weight_decay, lambda v: v >= 0, ">= 0"),
+        "momentum": (c.momentum, lambda v: 0 <= v < 1, "in [0, 1)"),
+        "warmup": (c.warmup, lambda v: 0 <= v < 1, "in [0, 1)"),
+        "val_fraction": (c.val_fraction, lambda v: 0 < v < 1, "in (0, 1)"),
+        "ema_decay": (c.ema_decay, lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "bma_beta": (c.bma_beta, lambda v: v > 0, "> 0"),
+        "tpr": (c.tpr, lambda v: 0 < v <= 1, "in (0, 1]"),
+        "temperature": (c.temperature, lambda v: v > 0, "> 0"),
+        "grad_clip": (c.grad_clip, lambda v: v > 0, "> 0"),
+        "reg_weight": (c.reg_weight, lambda v: v >= 0, ">= 0"),
+        "margin": (c.margin, lambda v: v >= 0, ">= 0"),
+        "trade_off": (c.trade_off, lambda v: v >= 0, ">= 0"),
+    }
+    for name, (value, ok, allowed) in checks.items():
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise TypeError(f"{fn}: {name} must be a finite number, got {describe(value)}")
+        if not ok(value):
+            raise ValueError(f"{fn}: {name} must be {allowed}, got {value!r}")
+    if c.templates not in ("openai", "simple"):
+        raise ValueError(f"{fn}: templates must be openai or simple, got {c.templates!r}")
+    if c.batch_size is not None and c.batch_size % c.accumulation:
+        raise ValueError(
+            f"{fn}: batch_size must be a multiple of accumulation, got batch_size "
+            f"{c.batch_size} and accumulation {c.accumulation}"
+        )
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or JSON configuration file into a dict of fields.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: if it is not a mapping, or has an unsupported suffix.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "run.json"
+        >>> _ = p.write_text('{"method": "clipood", "lr": 1e-05}')
+        >>> load_config_file(p)
+        {'method': 'clipood', 'lr': 1e-05}
+    """
+    fn = "load_config_file"
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{fn}: config file {str(p)!r} does not exist")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    elif p.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ValueError(f"{fn}: config file must end in .json, .yaml or .yml, got {str(p)!r}")
+    if not isinstance(data, dict):
+        raise ValueError(f"{fn}: config file must hold a mapping of fields, got {describe(data)}")
+    return data

@@ -1,0 +1,338 @@
+"""Every trainable method as one short builder over the public primitives.
+
+A builder gets the pre-trained model and what the job prepared (zero-shot head, class names,
+templates, configuration) and returns a :class:`Method`: the module to train (wrapped by the
+runtime in DDP/FSDP2), the frozen teacher if the method has one, the per-batch loss, and how to
+export the trained classifier. The loss is the paper's objective written with
+:mod:`robustft.losses`; nothing here re-implements a formula.
+
+Batches are ``(images, labels, indices)``: labels are ignored by the unsupervised methods,
+indices (dataset positions) pick UEO's per-sample confidence and FLYP's caption template.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from robustft import clip, losses
+from robustft.recipes._config import RunConfig
+from robustft.recipes._nets import ContrastiveCLIP, ImageClassifier, PromptClassifier, Teacher
+
+__all__ = ["Context", "Method", "build", "fit_linear_head", "unwrap"]
+
+Batch = tuple[Tensor, Tensor, Tensor]
+Loss = Callable[[nn.Module, Batch, int], Tensor]
+"""``(wrapped module, (images, labels, indices), step) -> loss`` of one micro-batch (its mean)."""
+
+
+class Context(NamedTuple):
+    """What every builder gets.
+
+    Attributes:
+        model: the pre-trained open_clip model (fp32, on the run's device).
+        tokenizer: its tokenizer.
+        classnames: the known classes' prompt names, in label order.
+        templates: the prompt templates of the zero-shot head (callables or ``{}`` strings).
+        head: ``[classes, dim]`` the starting head (zero-shot, or LP-FT's fitted one).
+        scale: the pre-trained logit scale :math:`s`.
+        config: the resolved run configuration.
+        confidence: ``[train size]`` UEO's per-sample zero-shot confidence (unsupervised only).
+        group: the process group of the run (``None`` on one process).
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    classnames: list[str]
+    templates: Sequence[Any]
+    head: Tensor
+    scale: float
+    config: RunConfig
+    confidence: Tensor | None = None
+    group: Any = None
+
+
+class Method(NamedTuple):
+    """A built method.
+
+    Attributes:
+        module: the module whose ``requires_grad`` parameters train; the runtime wraps it.
+        loss: the per-micro-batch loss (:data:`Loss`).
+        export: ``(wrapped module) -> {"visual.*": ..., "head": ...}``, the classifier the
+            trained parameters define (full tensors), for evaluation and saving.
+        teacher: the frozen zero-shot model, if the loss uses it (the runtime places it).
+    """
+
+    module: nn.Module
+    loss: Loss
+    export: Callable[[nn.Module], dict[str, Tensor]]
+    teacher: nn.Module | None = None
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module a ``DistributedDataParallel`` wraps (FSDP2 modules are their own module)."""
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def full(t: Tensor) -> Tensor:
+    """A plain tensor of ``t``'s full value (a ``DTensor`` is all-gathered), detached."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return (full_tensor() if callable(full_tensor) else t).detach()
+
+
+def _visual_tree(visual: nn.Module) -> dict[str, Tensor]:
+    return {f"visual.{n}": full(p) for n, p in visual.named_parameters()}
+
+
+def _export_classifier(net: nn.Module) -> dict[str, Tensor]:
+    inner = unwrap(net)
+    return {**_visual_tree(inner.visual), "head": full(inner.head)}
+
+
+def _teacher_features(teacher: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    features, logits = teacher(images)
+    return features, logits
+
+
+def _supervised(ctx: Context, penalty: Callable[[nn.Module, Tensor, Tensor, Batch, int], Tensor] | None,
+                *, teacher: bool = False) -> Method:
+    """CE on the classifier's logits plus ``weight * penalty(net, f, z, batch, step)``."""
+    module = ImageClassifier(ctx.model.visual, ctx.head, ctx.scale)
+    weight = ctx.config.reg_weight if ctx.config.reg_weight is not None else 0.0
+
+    def loss(net: nn.Module, batch: Batch, step: int) -> Tensor:
+        images, labels, _ = batch
+        f, z = net(images)
+        ce = F.cross_entropy(z.float(), labels)
+        if penalty is None:
+            return ce
+        return ce + weight * penalty(net, f, z, batch, step)
+
+    frozen = Teacher(ctx.model.visual, ctx.head, ctx.scale) if teacher else None
+    return Method(module, loss, _export_classifier, frozen)
+
+
+def _ft(ctx: Context) -> Method:
+    return _supervised(ctx, None)
+
+
+def _l2sp(ctx: Context) -> Method:
+    method = _supervised(ctx, None)
+    module = method.module
+    anchor = {n: p.detach().clone() for n, p in module.visual.named_parameters()}
+    weight = ctx.config.reg_weight or 0.0
+
+    def loss(net: nn.Module, batch: Batch, step: int) -> Tensor:
+        images, labels, _ = batch
+        _, z = net(images)
+        params = dict(unwrap(net).visual.named_parameters())
+        return F.cross_entropy(z.float(), labels) + weight * losses.l2sp(params, anchor=anchor)
+
+    return method._replace(loss=loss)
+
+
+def _with_teacher(ctx: Context, term: Callable[[Tensor, Tensor, Tensor, Tensor, Batch, int], Tensor]) -> Method:
+    holder: dict[str, nn.Module] = {}
+
+    def penalty(net: nn.Module, f: Tensor, z: Tensor, batch: Batch, step: int) -> Tensor:
+        f0, z0 = holder["teacher"](batch[0])
+        return term(f.float(), z.float(), f0.float(), z0.float(), batch, step)
+
+    method = _supervised(ctx, penalty, teacher=True)
+    assert method.teacher is not None
+    holder["teacher"] = method.teacher
+    return method
+
+
+def _kd(ctx: Context) -> Method:
+    temperature = ctx.config.temperature
+    return _with_teacher(
+        ctx, lambda f, z, f0, z0, b, s: losses.distillation(z, teacher_logits=z0, temperature=temperature)
+    )
+
+
+def _feature_kd(ctx: Context) -> Method:
+    return _with_teacher(ctx, lambda f, z, f0, z0, b, s: losses.feature_distillation(f, reference_features=f0))
+
+
+def _car_ft(ctx: Context) -> Method:
+    with torch.no_grad():
+        contexts = clip.context_prototypes(ctx.model, ctx.tokenizer, ctx.classnames, ctx.templates)
+    return _with_teacher(
+        ctx,
+        lambda f, z, f0, z0, b, s: losses.context_distillation(
+            f, reference_features=f0, context_features=contexts, logit_scale=ctx.scale
+        ),
+    )
+
+
+def lipsum_texts(model: nn.Module, tokenizer: Any, config: RunConfig, step: int, device: torch.device) -> Tensor:
+    """``[M, dim]`` features of step ``step``'s random texts (the same on every rank and on resume)."""
+    g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    tokens = clip.random_text_tokens(
+        config.lipsum_texts,
+        length=config.lipsum_length,
+        context_length=getattr(model, "context_length", None),
+        generator=g,
+        tokenizer=tokenizer,
+    ).to(device)
+    with torch.no_grad():
+        return clip.text_features(model, None, tokens)
+
+
+def _lipsum(ctx: Context) -> Method:
+    # λ is in the paper's units at its scale 100 (SPEC §4): λ·(100/s)² keeps its strength here
+    model, tokenizer, config = ctx.model, ctx.tokenizer, ctx.config
+    strength = (100.0 / ctx.scale) ** 2
+
+    def term(f: Tensor, z: Tensor, f0: Tensor, z0: Tensor, batch: Batch, step: int) -> Tensor:
+        texts = lipsum_texts(model, tokenizer, config, step, f.device)
+        gap = losses.energy_gap(f, reference_features=f0, text_features=texts, logit_scale=ctx.scale)
+        return strength * gap
+
+    return _with_teacher(ctx, term)
+
+
+def _clipood(ctx: Context) -> Method:
+    text = ctx.head.detach().clone()
+    distances = losses.text_distances(text)
+    module = ImageClassifier(ctx.model.visual, text, ctx.scale, train_head=False)
+    margin = ctx.config.margin
+
+    def loss(net: nn.Module, batch: Batch, step: int) -> Tensor:
+        images, labels, _ = batch
+        f, _ = net(images)
+        return losses.margin_metric_softmax(
+            f.float(), text.to(f.device), labels, margin=margin, logit_scale=ctx.scale,
+            text_distances=distances.to(f.device),
+        )
+
+    return Method(module, loss, _export_classifier)
+
+
+def _flyp(ctx: Context) -> Method:
+    module = ContrastiveCLIP(ctx.model)
+    templates = [t if callable(t) else t.format for t in ctx.templates]
+    captions = torch.stack([ctx.tokenizer([t(c) for c in ctx.classnames]) for t in templates])
+    seed, group = ctx.config.seed, ctx.group
+
+    def loss(net: nn.Module, batch: Batch, step: int) -> Tensor:
+        images, labels, indices = batch
+        # a caption template per sample, a hash of (seed, step, sample): rank- and resume-independent
+        which = (indices * 2654435761 + step * 40503 + seed) % len(templates)
+        tokens = captions.to(images.device)[which, labels]
+        f, t, scale = net(images, tokens)
+        return losses.clip_contrastive(f.float(), t.float(), logit_scale=scale, group=group)
+
+    def export(net: nn.Module) -> dict[str, Tensor]:
+        with torch.no_grad():
+            head = clip.zero_shot_head(unwrap(net), ctx.tokenizer, ctx.classnames, ctx.templates)
+        return {**_visual_tree(unwrap(net).model.visual), "head": head}
+
+    return Method(module, loss, export)
+
+
+def _unsupervised(ctx: Context) -> Method:
+    if ctx.confidence is None:
+        raise ValueError(f"build: method {ctx.config.method!r} needs the zero-shot confidence")
+    module = PromptClassifier(ctx.model, ctx.tokenizer, ctx.classnames, ctx.config.prompt)
+    confidence = ctx.confidence
+    if ctx.config.method != "ueo":  # entropy minimisation and IM weigh every sample alike
+        confidence = torch.ones_like(confidence)
+    trade_off, group = ctx.config.trade_off, ctx.group
+
+    def loss(net: nn.Module, batch: Batch, step: int) -> Tensor:
+        images, _, indices = batch
+        logits = net(images)
+        weights = confidence.to(logits.device)[indices]
+        return losses.ueo(logits.float(), weights, trade_off=trade_off, group=group)
+
+    def export(net: nn.Module) -> dict[str, Tensor]:
+        with torch.no_grad():
+            head = net(None)
+        return {**_visual_tree(unwrap(net).model.visual), "head": full(head)}
+
+    return Method(module, loss, export)
+
+
+BUILDERS: dict[str, Callable[[Context], Method]] = {
+    "ft": _ft,
+    "lp-ft": _ft,  # from the head fitted by fit_linear_head
+    "l2sp": _l2sp,
+    "kd": _kd,
+    "car-ft": _car_ft,
+    "feature-kd": _feature_kd,
+    "flyp": _flyp,
+    "lipsum": _lipsum,
+    "clipood": _clipood,
+    "ueo": _unsupervised,
+    "entropy": _unsupervised,
+    "im": _unsupervised,
+}
+
+
+def build(ctx: Context) -> Method:
+    """Build the method ``ctx.config.method`` (see :data:`robustft.recipes.METHODS`).
+
+    Raises:
+        ValueError: on an unknown method, or an unsupervised one without ``ctx.confidence``.
+    """
+    name = ctx.config.method
+    if name not in BUILDERS:
+        raise ValueError(f"build: method must be one of {', '.join(BUILDERS)}, got {name!r}")
+    return BUILDERS[name](ctx)
+
+
+def fit_linear_head(
+    train_features: Tensor,
+    train_labels: Tensor,
+    val_features: Tensor,
+    val_labels: Tensor,
+    *,
+    strengths: Sequence[float],
+    scale: float,
+    classes: int,
+    max_iter: int = 200,
+) -> tuple[Tensor, float, Mapping[float, float]]:
+    r"""LP-FT's linear probe: L2-regularised logistic regression on frozen, normalised features.
+
+    For each inverse strength :math:`C` (scikit-learn's convention) minimise
+    :math:`\frac{1}{n}\sum_i \mathrm{CE}(s\,\hat f_i W^\top, y_i) + \frac{1}{2Cn}\lVert W\rVert^2`
+    with L-BFGS from zero, keep the :math:`C` with the best *validation* accuracy (ties: the
+    stronger regularisation), and return :math:`W` in the classifier's units (logits
+    :math:`s\,\hat f W^\top`, no bias).
+
+    Returns:
+        ``(head [classes, dim], chosen C, {C: validation accuracy})``.
+
+    References:
+        Kumar et al., "Fine-Tuning can Distort Pretrained Features and Underperform
+        Out-of-Distribution", ICLR 2022 (LP-FT). Code: https://github.com/AnanyaKumar/transfer_learning
+    """
+    x = F.normalize(train_features.double(), dim=-1) * scale
+    xv = F.normalize(val_features.double(), dim=-1) * scale
+    y, yv = train_labels, val_labels
+    scores: dict[float, float] = {}
+    best: tuple[float, float, Tensor] | None = None
+    for c in sorted(strengths):
+        w = torch.zeros(classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            objective = F.cross_entropy(x @ w.T, y) + (w * w).sum() / (2 * c * len(y))
+            objective.backward()
+            return objective
+
+        opt.step(closure)
+        acc = float(((xv @ w.detach().T).argmax(-1) == yv).double().mean())
+        scores[c] = acc
+        if best is None or acc > best[0]:
+            best = (acc, c, w.detach())
+    assert best is not None
+    return best[2].float(), best[1], scores

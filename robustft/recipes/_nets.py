@@ -1,0 +1,148 @@
+"""The modules a recipe trains: every trained tensor lives in one ``nn.Module`` that DDP or FSDP2 wraps.
+
+Data parallelism is correct by construction: the optimiser steps the parameters of the module
+the runtime wraps, and every gradient-carrying forward goes through that module's own
+``forward`` (never a functional call on ``ddp.module``), so DDP's gradient hooks and FSDP2's
+all-gathers run on every step. The frozen zero-shot teacher is a separate module with no
+trainable parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustft import clip
+
+__all__ = ["ContrastiveCLIP", "ImageClassifier", "PromptClassifier", "Teacher", "shard_units"]
+
+
+def _logit_scale(model: nn.Module) -> float:
+    return float(clip.logit_scale(model).detach())
+
+
+class ImageClassifier(nn.Module):
+    r"""CLIP's visual tower and a linear head on its normalised features: :math:`z = s\,\hat f W^\top`.
+
+    The head :math:`W` ``[classes, dim]`` starts as the zero-shot head (rows = normalised class
+    text features) and trains with the tower unless ``train_head=False`` (CLIPood keeps the class
+    texts frozen). The logit scale :math:`s` is the pre-trained model's, fixed.
+
+    ``forward(images)`` returns ``(features, logits)``: ``[batch, dim]`` normalised features and
+    ``[batch, classes]`` logits.
+    """
+
+    def __init__(self, visual: nn.Module, head: Tensor, scale: float, *, train_head: bool = True):
+        super().__init__()
+        self.visual = visual
+        self.head = nn.Parameter(head.detach().clone(), requires_grad=train_head)
+        self.scale = float(scale)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        features = F.normalize(self.visual(images), dim=-1)
+        return features, self.scale * features @ self.head.to(features.dtype).T
+
+
+class Teacher(nn.Module):
+    """The frozen zero-shot model θ0 (a copy of the pre-trained visual tower + the zero-shot head).
+
+    ``forward(images)`` returns ``(features, logits)`` without gradient, the tower in eval mode.
+    """
+
+    def __init__(self, visual: nn.Module, head: Tensor, scale: float):
+        super().__init__()
+        self.visual = copy.deepcopy(visual).requires_grad_(False).eval()
+        self.register_buffer("head", head.detach().clone(), persistent=False)
+        self.scale = float(scale)
+
+    def train(self, mode: bool = True) -> Teacher:  # θ0 is always in eval mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        features = F.normalize(self.visual(images), dim=-1)
+        return features, self.scale * features @ self.head.to(features.dtype).T
+
+
+class PromptClassifier(nn.Module):
+    r"""UEO's trained model: a CoOp context shared by all classes and the visual norm affines.
+
+    The open_clip model's parameters are frozen except the affine weight and bias of every
+    normalisation layer of its visual tower (:func:`robustft.clip.norm_affine_names`); the
+    context (initialised from ``prompt`` by :func:`robustft.clip.init_context`) is this module's
+    own parameter. The visual tower stays in eval mode (SPEC §3).
+
+    ``forward(images)`` returns the ``[batch, classes]`` logits :math:`s\,\hat f\,\hat T^\top`
+    with the class texts :math:`\hat T` encoded through the context on every call (the
+    gradient reaches the context); ``forward(None)`` returns the ``[classes, dim]`` text head
+    alone (to export or evaluate with).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, classnames: Sequence[str], prompt: str):
+        super().__init__()
+        self.model = model.requires_grad_(False)
+        self.affines = clip.norm_affine_names(model, under="visual")
+        params = dict(model.named_parameters())
+        for name in self.affines:
+            params[name].requires_grad_(True)
+        self.context = nn.Parameter(clip.init_context(model, tokenizer, prompt).detach().clone())
+        self.tokenizer = tokenizer
+        self.classnames = list(classnames)
+        self.scale = _logit_scale(model)
+
+    def train(self, mode: bool = True) -> PromptClassifier:  # the towers stay in eval mode
+        return super().train(False)
+
+    def forward(self, images: Tensor | None) -> Tensor:
+        text = clip.encode_text_with_context(self.model, self.context, self.classnames, self.tokenizer)
+        if images is None:
+            return text
+        features = F.normalize(self.model.visual(images), dim=-1)
+        return self.scale * features @ text.to(features.dtype).T
+
+
+class ContrastiveCLIP(nn.Module):
+    """FLYP's trained model: both towers of CLIP and its logit scale.
+
+    ``forward(images, tokens)`` returns ``(image_features, text_features, scale)``;
+    ``forward(None, tokens)`` returns the normalised text features alone (for the final head).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor | None, tokens: Tensor) -> Any:
+        text = F.normalize(self.model.encode_text(tokens), dim=-1)
+        if images is None:
+            return text
+        features = F.normalize(self.model.encode_image(images), dim=-1)
+        return features, text, self.model.logit_scale.exp().clamp(max=100.0)
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        """The text tower through this module's forward (so DDP/FSDP hooks run)."""
+        return self(None, tokens)  # type: ignore[no-any-return]
+
+
+def shard_units(module: nn.Module) -> list[nn.Module]:
+    """The submodules FSDP2 shards one by one: every transformer residual block.
+
+    open_clip's ``VisionTransformer``/``TextTransformer`` keep their blocks in
+    ``.transformer.resblocks``; a ResNet tower's stages (``layer1``..``layer4``) are used instead.
+    """
+    units: list[nn.Module] = []
+    for sub in module.modules():
+        blocks = getattr(getattr(sub, "transformer", None), "resblocks", None)
+        if isinstance(blocks, nn.ModuleList):
+            units.extend(blocks)
+        for stage in ("layer1", "layer2", "layer3", "layer4"):
+            part = getattr(sub, stage, None)
+            if isinstance(part, nn.Sequential) and type(sub).__name__ == "ModifiedResNet":
+                units.append(part)
+    seen: set[int] = set()
+    return [u for u in units if not (id(u) in seen or seen.add(id(u)))]  # type: ignore[func-returns-value]
