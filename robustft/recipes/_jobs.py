@@ -293,6 +293,7 @@ def posthoc(
     theta0 = _zero_shot_tree(prep.bundle, prep.head)
     trees = [ckpt.load_tree(f, dev) for f in files]
     val = prep.data.val
+    extra_info: dict[str, Any] = {}
     results: dict[str, Any] = {"zero-shot": _evaluate(prep, config, theta0, prep.data.evals)}
     out = Path(config.output)
     if rt.main:
@@ -316,7 +317,7 @@ def posthoc(
 
         tree, kept = merging.greedy_soup(trees, score)
         results["greedy-soup"] = _evaluate(prep, config, tree, prep.data.evals)
-        results["greedy-soup"]["kept"] = [str(files[i]) for i in kept]
+        extra_info = {"kept": [str(files[i]) for i in kept]}
         if rt.main:
             ckpt.save_tree(out / "greedy-soup.safetensors", tree)
     else:
@@ -324,7 +325,7 @@ def posthoc(
         results["tpgm"] = _evaluate(prep, config, tree, prep.data.evals)
         if rt.main:
             ckpt.save_tree(out / "tpgm.safetensors", tree)
-    payload = {"posthoc": kind, "runs": [str(f) for f in files], "results": results}
+    payload = {"posthoc": kind, "runs": [str(f) for f in files], **extra_info, "results": results}
     if rt.main:
         (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
         (out / "summary.md").write_text(f"# {kind}\n\n" + format_summary(results) + "\n", encoding="utf-8")

@@ -12,6 +12,7 @@ indices (dataset positions) pick UEO's per-sample confidence and FLYP's caption 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -80,9 +81,12 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def full(t: Tensor) -> Tensor:
-    """A plain tensor of ``t``'s full value (a ``DTensor`` is all-gathered), detached."""
+    """A fresh plain tensor of ``t``'s full value (a ``DTensor`` is all-gathered), detached.
+
+    Always a copy: an exported tree never aliases the live parameters.
+    """
     full_tensor = getattr(t, "full_tensor", None)
-    return (full_tensor() if callable(full_tensor) else t).detach()
+    return full_tensor().detach() if callable(full_tensor) else t.detach().clone()
 
 
 def _visual_tree(visual: nn.Module) -> dict[str, Tensor]:
@@ -279,13 +283,16 @@ BUILDERS: dict[str, Callable[[Context], Method]] = {
 def build(ctx: Context) -> Method:
     """Build the method ``ctx.config.method`` (see :data:`robustft.recipes.METHODS`).
 
+    The method trains a deep copy of ``ctx.model``: the caller's model stays the pre-trained one
+    (several methods can be built from one loaded model).
+
     Raises:
         ValueError: on an unknown method, or an unsupervised one without ``ctx.confidence``.
     """
     name = ctx.config.method
     if name not in BUILDERS:
         raise ValueError(f"build: method must be one of {', '.join(BUILDERS)}, got {name!r}")
-    return BUILDERS[name](ctx)
+    return BUILDERS[name](ctx._replace(model=copy.deepcopy(ctx.model)))
 
 
 def fit_linear_head(

@@ -10,12 +10,13 @@ file with :func:`open_clip.add_model_config`, and makes loading a local file saf
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
 import os
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,7 +38,7 @@ class ClipBundle(NamedTuple):
     """An open_clip model and what goes with it, as :func:`load_model` returns them.
 
     Attributes:
-        model: the open_clip model (``open_clip.CLIP`` or ``open_clip.CustomTextCLIP``) in float32,
+        model: the open_clip model (``open_clip.CLIP``, ``open_clip.CustomTextCLIP``) in float32,
             in eval mode, on the requested device; ``requires_grad`` is left as open_clip sets it
             (``True``): the recipes decide what trains.
         tokenizer: open_clip's tokenizer for the model: a list of ``n`` strings ->
@@ -268,8 +269,9 @@ def _load_checkpoint(net: nn.Module, path: Path) -> None:
             net, str(path), strict=False, weights_only=True, device="cpu"
         )
     except RuntimeError as err:  # shape mismatches
+        detail = " ".join(str(err).split())  # torch's message spans several lines
         raise ValueError(
-            f"{_FN}: pretrained checkpoint {str(path)!r} does not fit the model: {err}"
+            f"{_FN}: pretrained checkpoint {str(path)!r} does not fit the model: {detail}"
         ) from err
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:
@@ -284,17 +286,15 @@ class _DropRandomInitNotice(logging.Filter):
         return not record.getMessage().startswith("No pretrained weights loaded")
 
 
-class _quiet_random_init:  # noqa: N801 (a context manager used like a function)
+@contextlib.contextmanager
+def _quiet_random_init(active: bool) -> Iterator[None]:
     """Silence open_clip's "initialized randomly" notice while a checkpoint is still to come."""
-
-    def __init__(self, active: bool) -> None:
-        self.active = active
-        self.filter = _DropRandomInitNotice()
-
-    def __enter__(self) -> None:
-        if self.active:
-            logging.getLogger().addFilter(self.filter)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.active:
-            logging.getLogger().removeFilter(self.filter)
+    if not active:
+        yield
+        return
+    notice = _DropRandomInitNotice()
+    logging.getLogger().addFilter(notice)  # open_clip logs through the root logger
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(notice)

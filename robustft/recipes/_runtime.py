@@ -99,11 +99,24 @@ def shutdown(runtime: Runtime) -> None:
 
 
 def _shard(module: nn.Module) -> nn.Module:
+    """``fully_shard`` every transformer block, then the root; 0-d parameters stay replicated.
+
+    FSDP2 cannot shard a 0-d parameter (CLIP's ``logit_scale``): it is left out of the root's
+    group (``ignored_params``), which is right for a frozen one. A trained 0-d parameter would then
+    get no gradient reduction, so it is refused.
+    """
     from torch.distributed.fsdp import fully_shard
 
+    scalars = {p for p in module.parameters() if p.ndim == 0}
+    trained = [n for n, p in module.named_parameters() if p.ndim == 0 and p.requires_grad]
+    if trained:
+        raise ValueError(
+            f"wrap: FSDP2 cannot shard the trained 0-d parameter(s) {trained} (fully_shard needs "
+            f"at least one dimension); run this method with --distributed ddp"
+        )
     for unit in shard_units(module):
         fully_shard(unit)
-    fully_shard(module)
+    fully_shard(module, ignored_params=scalars or None)
     return module
 
 
