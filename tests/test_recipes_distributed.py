@@ -19,14 +19,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _dist import run_distributed  # noqa: E402
+from _dist import run_distributed
 
 CLASSES = ["zero", "one", "two", "three", "four"]
 N = 24  # training samples; global batch 8: 3 steps per epoch
 STEPS = 4
 
 
-class Interrupted(Exception):
+class InterruptedRunError(Exception):
     """Raised inside the loop to emulate a run killed after its step-2 checkpoint."""
 
 
@@ -46,11 +46,21 @@ def _setup(method: str, **overrides: Any) -> tuple[Any, Any, Any]:
     images = torch.randn(N, 3, 32, 32, generator=g)
     labels = torch.arange(N) % len(CLASSES)
     dataset = torch.utils.data.TensorDataset(images, labels)
-    values = {"workers": 0, "progress": False, "log_every": 1, "save_every": 0, "steps": STEPS,
-              "batch_size": 8, "lipsum_texts": 6,
-              # SGD: Adam would turn float noise in exactly-zero gradients (attention key biases)
-              # into full-size steps, hiding a real difference below a loose tolerance
-              "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, **overrides}
+    values = {
+        "workers": 0,
+        "progress": False,
+        "log_every": 1,
+        "save_every": 0,
+        "steps": STEPS,
+        "batch_size": 8,
+        "lipsum_texts": 6,
+        # SGD: Adam would turn float noise in exactly-zero gradients (attention key biases)
+        # into full-size steps, hiding a real difference below a loose tolerance
+        "optimizer": "sgd",
+        "lr": 0.05,
+        "momentum": 0.9,
+        **overrides,
+    }
     config = resolve(values, method=method)
     templates = ["a photo of a {}."]
     with torch.no_grad():
@@ -61,13 +71,20 @@ def _setup(method: str, **overrides: Any) -> tuple[Any, Any, Any]:
     return config, ctx, dataset
 
 
-def _run(rank: int, world: int, method: str, strategy: str, mutate: bool = False,
-         run_dir: str | None = None, interrupt_at: int = 0, resume: bool = False,
-         overrides: dict[str, Any] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+def _run(
+    rank: int,
+    world: int,
+    method: str,
+    strategy: str,
+    mutate: bool = False,
+    run_dir: str | None = None,
+    interrupt_at: int = 0,
+    resume: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
     import torch.distributed as dist
 
-    from robustft.recipes import Runtime, build, train
-    from robustft.recipes import _loop, _runtime
+    from robustft.recipes import Runtime, _loop, _runtime, build, train
 
     config, ctx, dataset = _setup(method, **(overrides or {}))
     group = dist.group.WORLD if world > 1 else None
@@ -77,10 +94,12 @@ def _run(rank: int, world: int, method: str, strategy: str, mutate: bool = False
         _loop.wrap = lambda module, teacher, rt: (module, teacher)  # type: ignore[assignment]
     validate = None
     if interrupt_at:
-        config = config.__class__(**{**config.to_json(), "eval_every": interrupt_at, "save_every": 2})
+        config = config.__class__(
+            **{**config.to_json(), "eval_every": interrupt_at, "save_every": 2}
+        )
 
         def validate(tree: Any) -> float:
-            raise Interrupted
+            raise InterruptedRunError
 
     elif resume:
         config = config.__class__(**{**config.to_json(), "eval_every": 3, "save_every": 2})
@@ -89,9 +108,16 @@ def _run(rank: int, world: int, method: str, strategy: str, mutate: bool = False
             return 0.0
 
     try:
-        result = train(build(ctx), dataset, config, runtime,
-                       run_dir=Path(run_dir) if run_dir else None, resume=resume, validate=validate)
-    except Interrupted:
+        result = train(
+            build(ctx),
+            dataset,
+            config,
+            runtime,
+            run_dir=Path(run_dir) if run_dir else None,
+            resume=resume,
+            validate=validate,
+        )
+    except InterruptedRunError:
         return {}
     finally:
         _loop.wrap = _runtime.wrap
@@ -107,8 +133,9 @@ def _close(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> None:
     for which in a:
         for key in a[which]:
             x, y = torch.from_numpy(a[which][key]), torch.from_numpy(b[which][key])
-            torch.testing.assert_close(x, y, rtol=1e-4, atol=2e-5,
-                                       msg=lambda m, k=key, w=which: f"{w}/{k}: {m}")
+            torch.testing.assert_close(
+                x, y, rtol=1e-4, atol=2e-5, msg=lambda m, k=key, w=which: f"{w}/{k}: {m}"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +166,12 @@ def _kill_and_resume(rank: int, world: int, method: str, run_dir: str) -> Any:
 
 
 @pytest.mark.parametrize("method", ["clipood", "ueo"])
-def test_fsdp2_sharded_checkpoint_resume_equals_uninterrupted(single: dict[str, Any], method: str,
-                                                             tmp_path: Path) -> None:
-    ranks = run_distributed(_kill_and_resume, world_size=2, args=(method, str(tmp_path)), timeout=180)
+def test_fsdp2_sharded_checkpoint_resume_equals_uninterrupted(
+    single: dict[str, Any], method: str, tmp_path: Path
+) -> None:
+    ranks = run_distributed(
+        _kill_and_resume, world_size=2, args=(method, str(tmp_path)), timeout=180
+    )
     assert (tmp_path / "checkpoint.dcp").is_dir()
     _close(ranks[0], single[method])
 
@@ -162,7 +192,7 @@ def _evaluate(rank: int, world: int) -> dict[str, Any]:
 
     from robustft.recipes import Evaluator, Runtime
 
-    config, ctx, dataset = _setup("ft")
+    _, ctx, dataset = _setup("ft")
     sub = torch.utils.data.Subset(dataset, list(range(13)))  # 13 = 2 x 3 x 2 + 1: uneven batches
     group = dist.group.WORLD if world > 1 else None
     runtime = Runtime(torch.device("cpu"), rank, world, "ddp" if world > 1 else "single", group)
@@ -178,8 +208,21 @@ def test_distributed_evaluation_equals_one_process() -> None:
     for got in ranks:  # counts and rates exactly; sums of floats (NLL, ECE) to rounding
         assert got["set"].keys() == one["set"].keys()
         for name, value in one["set"].items():
-            assert got["set"][name] == (value if name in EXACT else pytest.approx(value, rel=1e-6)), name
+            assert got["set"][name] == (
+                value if name in EXACT or value is None else pytest.approx(value, rel=1e-6)
+            ), name
 
 
-EXACT = ("accuracy", "per_class_accuracy", "macro_f1", "num_known", "num_unknown", "threshold",
-         "os_star", "unk", "hos", "auroc", "fpr95")
+EXACT = (
+    "accuracy",
+    "per_class_accuracy",
+    "macro_f1",
+    "num_known",
+    "num_unknown",
+    "threshold",
+    "os_star",
+    "unk",
+    "hos",
+    "auroc",
+    "fpr95",
+)

@@ -22,7 +22,7 @@ import pickle
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -59,7 +59,11 @@ def load_tree(path: Path, device: torch.device | str = "cpu") -> dict[str, Tenso
 
 
 def _trained(module: nn.Module) -> dict[str, nn.Parameter]:
-    inner = module.module if hasattr(module, "module") and isinstance(module.module, nn.Module) else module
+    inner = (
+        module.module
+        if hasattr(module, "module") and isinstance(module.module, nn.Module)
+        else module
+    )
     return {n: p for n, p in inner.named_parameters() if p.requires_grad}
 
 
@@ -73,7 +77,9 @@ def _tensor_leaves(tree: Any) -> Any:
     """The nested dict ``tree`` with only its tensor leaves (DCP then pickles no values)."""
     if isinstance(tree, Mapping):
         out = {k: _tensor_leaves(v) for k, v in tree.items()}
-        return {k: v for k, v in out.items() if isinstance(v, Tensor) or (isinstance(v, dict) and v)}
+        return {
+            k: v for k, v in out.items() if isinstance(v, Tensor) or (isinstance(v, dict) and v)
+        }
     return tree if isinstance(tree, Tensor) else None
 
 
@@ -97,7 +103,9 @@ def save(
             "loop": loop,
             "module": {n: p.detach().cpu() for n, p in _trained(module).items()},
             "optimizer": optimizer.state_dict(),
-            "average": None if state is None else {k: v.detach().cpu() for k, v in state.average.items()},
+            "average": None
+            if state is None
+            else {k: v.detach().cpu() for k, v in state.average.items()},
             "counters": _counters(state),
         }
         tmp = run_dir / (PT + ".tmp")
@@ -107,7 +115,9 @@ def save(
         dist.barrier(group=runtime.group)
 
 
-def load(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, state: Any, runtime: Runtime) -> Loaded:
+def load(
+    run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, state: Any, runtime: Runtime
+) -> Loaded:
     """Restore the module, optimiser and averaging state in place from ``run_dir``'s checkpoint.
 
     Raises:
@@ -143,7 +153,9 @@ def load(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, sta
     return Loaded(int(loop["step"]), float(loop["best_score"]))
 
 
-def _dcp_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: Any) -> tuple[dict[str, Any], Any, Any]:
+def _dcp_state(
+    module: nn.Module, optimizer: torch.optim.Optimizer, state: Any
+) -> tuple[dict[str, Any], Any, Any]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     options = StateDictOptions(ignore_frozen_params=True)
@@ -157,8 +169,14 @@ def _dcp_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: Any) 
     return app, model_sd, optim_sd
 
 
-def _save_dcp(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, state: Any,
-              loop: dict[str, Tensor], runtime: Runtime) -> None:
+def _save_dcp(
+    run_dir: Path,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: Any,
+    loop: dict[str, Tensor],
+    runtime: Runtime,
+) -> None:
     import torch.distributed.checkpoint as dcp
 
     app, _, _ = _dcp_state(module, optimizer, state)
@@ -181,17 +199,30 @@ def _save_dcp(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer
 class _MetadataUnpickler(pickle.Unpickler):
     """Admits only what DCP's metadata file holds: its dataclasses, torch dtypes/sizes, builtins."""
 
-    _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                "torch.distributed.checkpoint.planner")
-    _SAFE = {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"),
-             ("builtins", "frozenset"), ("torch", "device"), ("pathlib", "PosixPath"),
-             ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
-             ("torch.serialization", "_get_layout")}  # the last maps a layout name to torch.layout
+    _MODULES: ClassVar[tuple[str, ...]] = (
+        "torch.distributed.checkpoint.metadata",
+        "torch.distributed.checkpoint.filesystem",
+        "torch.distributed.checkpoint.planner",
+    )
+    _SAFE: ClassVar[set[tuple[str, str]]] = {
+        ("torch", "Size"),
+        ("collections", "OrderedDict"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("torch", "device"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("torch.serialization", "_get_layout"),
+    }  # the last maps a layout name to torch.layout
 
     def find_class(self, module: str, name: str) -> Any:
         if module in self._MODULES or (module, name) in self._SAFE:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+        if module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        ):
             return getattr(torch, name)
         raise pickle.UnpicklingError(
             f"resume: checkpoint metadata must hold only torch.distributed.checkpoint metadata, "
@@ -217,8 +248,9 @@ def _safe_reader(path: Path) -> Any:
     return SafeReader(str(path))
 
 
-def _load_dcp(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, state: Any,
-              runtime: Runtime) -> Loaded:
+def _load_dcp(
+    run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, state: Any, runtime: Runtime
+) -> Loaded:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -230,10 +262,15 @@ def _load_dcp(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer
     app, model_sd, optim_sd = _dcp_state(module, optimizer, state)
     app["loop"] = {"step": torch.tensor(0), "best_score": torch.tensor(0.0, dtype=torch.float64)}
     dcp.load(app, storage_reader=_safe_reader(path))
-    set_state_dict(module, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   # frozen parameters (CLIPood's class texts) are not in the checkpoint; the trained
-                   # ones are, or dcp.load above has already failed on the missing key
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    set_state_dict(
+        module,
+        optimizer,
+        model_state_dict=model_sd,
+        optim_state_dict=optim_sd,
+        # frozen parameters (CLIPood's class texts) are not in the checkpoint; the trained
+        # ones are, or dcp.load above has already failed on the missing key
+        options=StateDictOptions(ignore_frozen_params=True, strict=False),
+    )
     # the averaging state's tensors were loaded in place (they are the state's own)
     return Loaded(int(app["loop"]["step"]), float(app["loop"]["best_score"]))
 
@@ -243,7 +280,9 @@ def trim_metrics(run_dir: Path, step: int) -> list[dict[str, float]]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    kept = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
     kept = [line for line in kept if line.get("step", 0) <= step]
     path.write_text("".join(json.dumps(line) + "\n" for line in kept), encoding="utf-8")
     return kept

@@ -41,16 +41,26 @@ def _add_config_flags(p: argparse.ArgumentParser, methods: Sequence[str]) -> Non
         help_text = f.metadata.get("help", "")
         kind = str(f.type)
         if f.name == "method":
-            p.add_argument(flag, choices=methods, default=None, help=f"the method ({', '.join(methods)})")
+            p.add_argument(
+                flag, choices=methods, default=None, help=f"the method ({', '.join(methods)})"
+            )
         elif f.name == "eval":
             p.add_argument(flag, action="append", default=None, metavar="NAME=DIR", help=help_text)
         elif kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            p.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
             base = kind.split("|")[0].strip()
             choices = f.metadata.get("choices")
-            p.add_argument(flag, type=_TYPES.get(base, str), default=None, choices=choices,
-                           metavar=None if choices else base.upper(), help=help_text)
+            p.add_argument(
+                flag,
+                type=_TYPES.get(base, str),
+                default=None,
+                choices=choices,
+                metavar=None if choices else base.upper(),
+                help=help_text,
+            )
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of fields (flags win)")
     p.add_argument("--resume", metavar="RUN", help="continue the interrupted run in this folder")
 
@@ -65,31 +75,59 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = top.add_subparsers(dest="command", required=True)
-    ft = sub.add_parser("finetune", help="supervised fine-tuning (" + ", ".join(SUPERVISED) + ")",
-                        description="Supervised fine-tuning with the papers' defaults per method.")
+    ft = sub.add_parser(
+        "finetune",
+        help="supervised fine-tuning (" + ", ".join(SUPERVISED) + ")",
+        description="Supervised fine-tuning with the papers' defaults per method.",
+    )
     _add_config_flags(ft, SUPERVISED)
-    ueo = sub.add_parser("ueo", help="unsupervised fine-tuning on unlabeled images with unknown "
-                         "classes (" + ", ".join(UNSUPERVISED) + ")",
-                         description="Universal unsupervised fine-tuning (UEO and its baselines).")
+    ueo = sub.add_parser(
+        "ueo",
+        help="unsupervised fine-tuning on unlabeled images with unknown "
+        "classes (" + ", ".join(UNSUPERVISED) + ")",
+        description="Universal unsupervised fine-tuning (UEO and its baselines).",
+    )
     _add_config_flags(ueo, UNSUPERVISED)
-    post = sub.add_parser("posthoc", help="WiSE-FT sweep, TPGM or model soups over saved runs",
-                          description="Post-hoc robustness from saved runs; data and model come "
-                          "from the first run's config.json unless given.")
+    post = sub.add_parser(
+        "posthoc",
+        help="WiSE-FT sweep, TPGM or model soups over saved runs",
+        description="Post-hoc robustness from saved runs; data and model come "
+        "from the first run's config.json unless given.",
+    )
     post.add_argument("kind", choices=("wise", "tpgm", "uniform-soup", "greedy-soup"))
-    post.add_argument("--runs", nargs="+", required=True, metavar="RUN",
-                      help="run folders (their last.safetensors) or .safetensors files")
-    post.add_argument("--alphas", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
-                      help="WiSE-FT mixing coefficients")
+    post.add_argument(
+        "--runs",
+        nargs="+",
+        required=True,
+        metavar="RUN",
+        help="run folders (their last.safetensors) or .safetensors files",
+    )
+    post.add_argument(
+        "--alphas",
+        default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
+        help="WiSE-FT mixing coefficients",
+    )
     post.add_argument("--tpgm-steps", type=int, default=200, help="Adam steps on TPGM's radii")
     post.add_argument("--output", required=True, help="folder for results.json and the weights")
     post.add_argument("--eval", action="append", metavar="NAME=DIR", help="evaluation sets")
     post.add_argument("--device", help="device (default: cuda if available)")
-    ev = sub.add_parser("evaluate", help="evaluate saved weights (or the zero-shot model) on image folders",
-                        description="Evaluate a run's weights on evaluation sets.")
-    ev.add_argument("--run", required=True, help="a run folder (its config.json gives model and classes)")
-    ev.add_argument("--weights", nargs="+", default=["last"],
-                    help="last, average, best, zero-shot or .safetensors files")
-    ev.add_argument("--eval", action="append", metavar="NAME=DIR", help="evaluation sets (default: the run's)")
+    ev = sub.add_parser(
+        "evaluate",
+        help="evaluate saved weights (or the zero-shot model) on image folders",
+        description="Evaluate a run's weights on evaluation sets.",
+    )
+    ev.add_argument(
+        "--run", required=True, help="a run folder (its config.json gives model and classes)"
+    )
+    ev.add_argument(
+        "--weights",
+        nargs="+",
+        default=["last"],
+        help="last, average, best, zero-shot or .safetensors files",
+    )
+    ev.add_argument(
+        "--eval", action="append", metavar="NAME=DIR", help="evaluation sets (default: the run's)"
+    )
     ev.add_argument("--output", help="write results.json here (default: print only)")
     ev.add_argument("--device", help="device (default: cuda if available)")
     return top
@@ -114,7 +152,9 @@ def _config_from(args: argparse.Namespace, family: Sequence[str]) -> tuple[RunCo
         values["output"] = args.resume
     method = values.get("method") or family[0]
     if method not in family:
-        raise SystemExit(f"robustft: --method must be one of {', '.join(family)} here, got {method!r}")
+        raise SystemExit(
+            f"robustft: --method must be one of {', '.join(family)} here, got {method!r}"
+        )
     config = resolve(values, method=method)
     if not config.train:
         raise SystemExit("robustft: --train is required (an ImageFolder root)")
@@ -134,7 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "posthoc":
             first = Path(args.runs[0])
-            base = json.loads((first / "config.json").read_text(encoding="utf-8")) if first.is_dir() else {}
+            base = (
+                json.loads((first / "config.json").read_text(encoding="utf-8"))
+                if first.is_dir()
+                else {}
+            )
             base.update({"output": args.output, "progress": False})
             if args.eval:
                 base["eval"] = args.eval
@@ -142,7 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 base["device"] = args.device
             config = resolve(base)
             alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
-            _jobs.posthoc(config, args.runs, kind=args.kind, alphas=alphas, tpgm_steps=args.tpgm_steps)
+            _jobs.posthoc(
+                config, args.runs, kind=args.kind, alphas=alphas, tpgm_steps=args.tpgm_steps
+            )
             return 0
         run = Path(args.run)
         base = json.loads((run / "config.json").read_text(encoding="utf-8"))
@@ -151,8 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.device:
             base["device"] = args.device
         config = resolve(base)
-        files = [w if w == "zero-shot" or w.endswith(".safetensors") else str(run / f"{w}.safetensors")
-                 for w in args.weights]
+        files = [
+            w if w == "zero-shot" or w.endswith(".safetensors") else str(run / f"{w}.safetensors")
+            for w in args.weights
+        ]
         payload = _jobs.evaluate_run(config, files)
         text = json.dumps(payload, indent=1)
         if args.output:

@@ -52,7 +52,8 @@ class RunConfig:
     method: str = _f("ft", "the method: " + ", ".join(METHODS), choices=METHODS)
     model: str = _f("ViT-B-16", "open_clip model name, or a path to an open_clip model config JSON")
     pretrained: str | None = _f(
-        None, "open_clip pretrained tag (e.g. openai) or a local checkpoint file; none = random init"
+        None,
+        "open_clip pretrained tag (e.g. openai) or a local checkpoint file; none = random init",
     )
     # data
     train: str = _f("", "ImageFolder root of the training images (one folder per class)")
@@ -81,7 +82,9 @@ class RunConfig:
     weight_decay: float | None = _f(None, "decoupled (AdamW) or L2 (SGD) weight decay")
     momentum: float = _f(0.0, "SGD momentum (UEO uses none)")
     warmup: float | None = _f(None, "linear warm-up, as a fraction of the steps")
-    schedule: str = _f("cosine", "cosine or constant after the warm-up", choices=("cosine", "constant"))
+    schedule: str = _f(
+        "cosine", "cosine or constant after the warm-up", choices=("cosine", "constant")
+    )
     grad_clip: float | None = _f(None, "clip the global gradient norm to this value")
     average: str | None = _f(None, "trajectory average: " + ", ".join(AVERAGES), choices=AVERAGES)
     ema_decay: float = _f(0.999, "EMA decay per step")
@@ -101,10 +104,14 @@ class RunConfig:
     score: str | None = _f(None, "OOD score: msp, mcm (MSP at scale 1, UEO's), energy, max_logit")
     tpr: float = _f(0.95, "open-set threshold: accept this fraction of the validation knowns")
     eval_every: int = _f(0, "evaluate the validation split every N steps (0: at the end only)")
-    select: str = _f("last", "weights reported: last or best (on validation accuracy)", choices=("last", "best"))
+    select: str = _f(
+        "last", "weights reported: last or best (on validation accuracy)", choices=("last", "best")
+    )
     # runtime
     seed: int = _f(0, "seed of the data order, augmentation and random texts")
-    precision: str = _f("auto", "auto (bf16 autocast on GPU), fp32 or bf16", choices=("auto", "fp32", "bf16"))
+    precision: str = _f(
+        "auto", "auto (bf16 autocast on GPU), fp32 or bf16", choices=("auto", "fp32", "bf16")
+    )
     device: str | None = _f(None, "device (default: cuda if available, else cpu)")
     distributed: str = _f("ddp", "under torchrun: ddp or fsdp (FSDP2)", choices=("ddp", "fsdp"))
     workers: int = _f(4, "DataLoader worker processes per rank")
@@ -119,35 +126,128 @@ class RunConfig:
 
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # the generic supervised defaults (FT as WiSE-FT / FLYP fine-tune CLIP: AdamW, wd 0.1, cosine)
-    "ft": dict(optimizer="adamw", lr=1e-5, weight_decay=0.1, warmup=0.1, batch_size=256,
-               steps=5000, average="none"),
-    "lp-ft": dict(optimizer="adamw", lr=1e-5, weight_decay=0.1, warmup=0.1, batch_size=256,
-                  steps=5000, average="none"),
-    "l2sp": dict(optimizer="adamw", lr=1e-5, weight_decay=0.0, warmup=0.1, batch_size=256,
-                 steps=5000, average="none", reg_weight=0.1),
-    "kd": dict(optimizer="adamw", lr=1e-5, weight_decay=0.1, warmup=0.1, batch_size=256,
-               steps=5000, average="none", reg_weight=1.0),
-    "car-ft": dict(optimizer="adamw", lr=1e-5, weight_decay=0.1, warmup=0.1, batch_size=256,
-                   steps=5000, average="none", reg_weight=1.0),
-    "feature-kd": dict(optimizer="adamw", lr=1e-5, weight_decay=0.1, warmup=0.1,
-                       batch_size=256, steps=5000, average="none", reg_weight=1.0),
-    "flyp": dict(optimizer="adamw", lr=1e-5, weight_decay=0.1, warmup=0.1, batch_size=256,
-                 steps=5000, average="none"),
+    "ft": dict(
+        optimizer="adamw",
+        lr=1e-5,
+        weight_decay=0.1,
+        warmup=0.1,
+        batch_size=256,
+        steps=5000,
+        average="none",
+    ),
+    "lp-ft": dict(
+        optimizer="adamw",
+        lr=1e-5,
+        weight_decay=0.1,
+        warmup=0.1,
+        batch_size=256,
+        steps=5000,
+        average="none",
+    ),
+    "l2sp": dict(
+        optimizer="adamw",
+        lr=1e-5,
+        weight_decay=0.0,
+        warmup=0.1,
+        batch_size=256,
+        steps=5000,
+        average="none",
+        reg_weight=0.1,
+    ),
+    "kd": dict(
+        optimizer="adamw",
+        lr=1e-5,
+        weight_decay=0.1,
+        warmup=0.1,
+        batch_size=256,
+        steps=5000,
+        average="none",
+        reg_weight=1.0,
+    ),
+    "car-ft": dict(
+        optimizer="adamw",
+        lr=1e-5,
+        weight_decay=0.1,
+        warmup=0.1,
+        batch_size=256,
+        steps=5000,
+        average="none",
+        reg_weight=1.0,
+    ),
+    "feature-kd": dict(
+        optimizer="adamw",
+        lr=1e-5,
+        weight_decay=0.1,
+        warmup=0.1,
+        batch_size=256,
+        steps=5000,
+        average="none",
+        reg_weight=1.0,
+    ),
+    "flyp": dict(
+        optimizer="adamw",
+        lr=1e-5,
+        weight_decay=0.1,
+        warmup=0.1,
+        batch_size=256,
+        steps=5000,
+        average="none",
+    ),
     # Lipsum-FT (Nam et al. 2024, Table 7 / code): AdamW lr 1e-5, no weight decay, batch 256,
     # 10 % warm-up + cosine, M = 80, L = 8, λ = 1 at the paper's scale 100 (SPEC §4)
-    "lipsum": dict(optimizer="adamw", lr=1e-5, weight_decay=0.0, warmup=0.1, batch_size=256,
-                   steps=5000, average="none", reg_weight=1.0),
+    "lipsum": dict(
+        optimizer="adamw",
+        lr=1e-5,
+        weight_decay=0.0,
+        warmup=0.1,
+        batch_size=256,
+        steps=5000,
+        average="none",
+        reg_weight=1.0,
+    ),
     # CLIPood (Shu et al. 2023, code): AdamW lr 1e-5, wd 0.1, cosine without warm-up, λ 0.3, BMA β 0.5
-    "clipood": dict(optimizer="adamw", lr=1e-5, weight_decay=0.1, warmup=0.0, batch_size=36,
-                    steps=5000, average="bma"),
+    "clipood": dict(
+        optimizer="adamw",
+        lr=1e-5,
+        weight_decay=0.1,
+        warmup=0.0,
+        batch_size=36,
+        steps=5000,
+        average="bma",
+    ),
     # UEO (Liang et al. 2024, code): SGD lr 1e-4 without momentum, cosine per iteration, batch 64,
     # 5 epochs, γ = 1, MSP at scale 1 as the OOD score
-    "ueo": dict(optimizer="sgd", lr=1e-4, weight_decay=0.0, warmup=0.0, batch_size=64,
-                epochs=5.0, average="none", score="mcm"),
-    "entropy": dict(optimizer="sgd", lr=1e-4, weight_decay=0.0, warmup=0.0, batch_size=64,
-                    epochs=5.0, average="none", score="mcm", trade_off=0.0),
-    "im": dict(optimizer="sgd", lr=1e-4, weight_decay=0.0, warmup=0.0, batch_size=64,
-               epochs=5.0, average="none", score="mcm"),
+    "ueo": dict(
+        optimizer="sgd",
+        lr=1e-4,
+        weight_decay=0.0,
+        warmup=0.0,
+        batch_size=64,
+        epochs=5.0,
+        average="none",
+        score="mcm",
+    ),
+    "entropy": dict(
+        optimizer="sgd",
+        lr=1e-4,
+        weight_decay=0.0,
+        warmup=0.0,
+        batch_size=64,
+        epochs=5.0,
+        average="none",
+        score="mcm",
+        trade_off=0.0,
+    ),
+    "im": dict(
+        optimizer="sgd",
+        lr=1e-4,
+        weight_decay=0.0,
+        warmup=0.0,
+        batch_size=64,
+        epochs=5.0,
+        average="none",
+        score="mcm",
+    ),
 }
 """Per-method defaults (SPEC §7); a value the user sets always wins."""
 
@@ -167,7 +267,9 @@ def _named_paths(fn: str, value: Any) -> dict[str, str]:
                 raise ValueError(f"{fn}: eval names must be unique, got {name!r} twice")
             out[name] = path
         return out
-    raise TypeError(f"{fn}: eval must be a mapping NAME -> DIR or a list of NAME=DIR, got {describe(value)}")
+    raise TypeError(
+        f"{fn}: eval must be a mapping NAME -> DIR or a list of NAME=DIR, got {describe(value)}"
+    )
 
 
 def resolve(overrides: Mapping[str, Any], *, method: str | None = None) -> RunConfig:
@@ -217,7 +319,9 @@ def _validate(fn: str, c: RunConfig, fields: Mapping[str, dataclasses.Field[Any]
     positive_ints = ("batch_size", "accumulation", "lipsum_texts", "lipsum_length", "log_every")
     for name in ("steps", *positive_ints):
         value = getattr(c, name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
             raise ValueError(f"{fn}: {name} must be an integer >= 1, got {value!r}")
     for name in ("workers", "save_every", "eval_every", "seed"):
         value = getattr(c, name)
@@ -245,7 +349,11 @@ def _validate(fn: str, c: RunConfig, fields: Mapping[str, dataclasses.Field[Any]
     for name, (value, ok, allowed) in checks.items():
         if value is None:
             continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+        ):
             raise TypeError(f"{fn}: {name} must be a finite number, got {describe(value)}")
         if not ok(value):
             raise ValueError(f"{fn}: {name} must be {allowed}, got {value!r}")

@@ -26,8 +26,20 @@ from robustft.recipes._runtime import Runtime, autocast
 
 __all__ = ["Evaluator", "format_summary", "score_function", "threshold_at_tpr"]
 
-METRICS = ("accuracy", "per_class_accuracy", "macro_f1", "nll", "ece", "auroc", "aupr_in",
-           "aupr_out", "fpr_at_tpr", "os_star", "unk", "hos")
+METRICS = (
+    "accuracy",
+    "per_class_accuracy",
+    "macro_f1",
+    "nll",
+    "ece",
+    "auroc",
+    "aupr_in",
+    "aupr_out",
+    "fpr_at_tpr",
+    "os_star",
+    "unk",
+    "hos",
+)
 
 
 def score_function(name: str, scale: float) -> Callable[[Tensor], Tensor]:
@@ -73,10 +85,21 @@ class Evaluator:
         score: the OOD score name (:func:`score_function`).
     """
 
-    def __init__(self, visual: nn.Module, scale: float, runtime: Runtime, *, batch_size: int = 256,
-                 workers: int = 0, score: str = "msp"):
-        self.replica = ImageClassifier(copy.deepcopy(visual), torch.zeros(1, 1), scale,
-                                       train_head=False).requires_grad_(False).eval()
+    def __init__(
+        self,
+        visual: nn.Module,
+        scale: float,
+        runtime: Runtime,
+        *,
+        batch_size: int = 256,
+        workers: int = 0,
+        score: str = "msp",
+    ):
+        self.replica = (
+            ImageClassifier(copy.deepcopy(visual), torch.zeros(1, 1), scale, train_head=False)
+            .requires_grad_(False)
+            .eval()
+        )
         self.replica.to(runtime.device)
         self.scale = scale
         self.runtime = runtime
@@ -86,24 +109,38 @@ class Evaluator:
 
     def load(self, classifier: Mapping[str, Tensor]) -> None:
         """Put a classifier tree's weights into the replica."""
-        visual = {k[len("visual."):]: v for k, v in classifier.items() if k.startswith("visual.")}
+        visual = {k[len("visual.") :]: v for k, v in classifier.items() if k.startswith("visual.")}
         with torch.no_grad():
             own = dict(self.replica.visual.named_parameters())
             missing = sorted(set(own) - set(visual))
             if missing:
-                raise ValueError(f"Evaluator.load: classifier must hold every visual tensor, missing {missing[:5]}")
+                raise ValueError(
+                    f"Evaluator.load: classifier must hold every visual tensor, missing {missing[:5]}"
+                )
             for name, p in own.items():
                 p.copy_(visual[name])
-            self.replica.head = nn.Parameter(classifier["head"].detach().to(self.runtime.device).clone(),
-                                             requires_grad=False)
+            self.replica.head = nn.Parameter(
+                classifier["head"].detach().to(self.runtime.device).clone(), requires_grad=False
+            )
 
     def _loader(self, dataset: Dataset[Any], shard: bool) -> DataLoader[Any]:
-        sampler = None
+        sampler: DistributedSampler[Any] | None = None
         if shard and self.runtime.world > 1:
-            sampler = DistributedSampler(dataset, num_replicas=self.runtime.world, rank=self.runtime.rank,
-                                         shuffle=False, drop_last=False)
-        return DataLoader(_Indexed(dataset), batch_size=self.batch_size, sampler=sampler, shuffle=False,
-                          num_workers=self.workers, pin_memory=self.runtime.device.type == "cuda")
+            sampler = DistributedSampler(
+                dataset,
+                num_replicas=self.runtime.world,
+                rank=self.runtime.rank,
+                shuffle=False,
+                drop_last=False,
+            )
+        return DataLoader(
+            _Indexed(dataset),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            shuffle=False,
+            num_workers=self.workers,
+            pin_memory=self.runtime.device.type == "cuda",
+        )
 
     @torch.no_grad()
     def logits_and_labels(self, dataset: Dataset[Any]) -> tuple[Tensor, Tensor]:
@@ -120,7 +157,9 @@ class Evaluator:
     def evaluate(self, dataset: Dataset[Any], *, threshold: float | None = None) -> dict[str, Any]:
         """Every metric on one set, across ranks (a collective under torchrun)."""
         group = self.runtime.group if self.runtime.world > 1 else None
-        evaluation = metrics.Evaluation(score=self.score, threshold=threshold, device="cpu", group=group)
+        evaluation = metrics.Evaluation(
+            score=self.score, threshold=threshold, device="cpu", group=group
+        )
         for images, labels, indices in self._loader(dataset, shard=True):
             with autocast(self.runtime):
                 _, z = self.replica(images.to(self.runtime.device, non_blocking=True))
@@ -132,8 +171,13 @@ class Evaluator:
         out["threshold"] = threshold
         return out
 
-    def run(self, classifier: Mapping[str, Tensor], sets: Mapping[str, Dataset[Any]], *,
-            threshold: float | None = None) -> dict[str, dict[str, Any]]:
+    def run(
+        self,
+        classifier: Mapping[str, Tensor],
+        sets: Mapping[str, Dataset[Any]],
+        *,
+        threshold: float | None = None,
+    ) -> dict[str, dict[str, Any]]:
         """Load ``classifier`` and evaluate it on every set; ``{set name: metrics}``."""
         self.load(classifier)
         return {name: self.evaluate(ds, threshold=threshold) for name, ds in sets.items()}

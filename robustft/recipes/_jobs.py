@@ -32,6 +32,7 @@ from robustft.recipes._evaluate import Evaluator, format_summary, threshold_at_t
 from robustft.recipes._loop import TrainResult, train
 from robustft.recipes._methods import Context, build, fit_linear_head
 from robustft.recipes._model import ClipBundle, load_model
+from robustft.recipes._nets import visual_tower
 from robustft.recipes._runtime import Runtime, init, shutdown
 
 __all__ = ["Data", "Prepared", "evaluate_run", "finetune", "posthoc", "prepare", "templates_of"]
@@ -53,7 +54,7 @@ class Data(NamedTuple):
 
     train: Dataset[Any]
     val: Dataset[Any] | None
-    evals: dict[str, Dataset[Any]]
+    evals: Mapping[str, Dataset[Any]]
     folders: list[str]
     names: list[str]
 
@@ -78,7 +79,10 @@ def load_data(config: RunConfig, bundle: ClipBundle, *, supervised: bool) -> Dat
         val = Subset(FolderDataset(config.train, folders, bundle.eval_transform), held)
     else:  # unsupervised: no labels to validate on unless a --val folder is given
         train_used, val = train_ds, None
-    evals = {name: FolderDataset(path, folders, bundle.eval_transform) for name, path in config.eval.items()}
+    evals = {
+        name: FolderDataset(path, folders, bundle.eval_transform)
+        for name, path in config.eval.items()
+    }
     return Data(train_used, val, evals, folders, names)
 
 
@@ -94,9 +98,13 @@ class Prepared(NamedTuple):
     evaluator: Evaluator
 
 
-def prepare(config: RunConfig, *, supervised: bool = True, runtime: Runtime | None = None) -> Prepared:
+def prepare(
+    config: RunConfig, *, supervised: bool = True, runtime: Runtime | None = None
+) -> Prepared:
     """Runtime, model, data, zero-shot head and evaluator of a configuration."""
-    runtime = runtime or init(device=config.device, precision=config.precision, distributed=config.distributed)
+    runtime = runtime or init(
+        device=config.device, precision=config.precision, distributed=config.distributed
+    )
     bundle = load_model(config.model, pretrained=config.pretrained, device=runtime.device)
     data = load_data(config, bundle, supervised=supervised)
     templates = templates_of(config.templates)
@@ -104,13 +112,25 @@ def prepare(config: RunConfig, *, supervised: bool = True, runtime: Runtime | No
         head = clip.zero_shot_head(bundle.model, bundle.tokenizer, data.names, templates)
     scale = float(clip.logit_scale(bundle.model).detach())
     score = config.score or "msp"
-    evaluator = Evaluator(bundle.model.visual, scale, runtime, batch_size=max(config.batch_size or 64, 64),
-                          workers=config.workers, score=score)
+    evaluator = Evaluator(
+        visual_tower(bundle.model),
+        scale,
+        runtime,
+        batch_size=max(config.batch_size or 64, 64),
+        workers=config.workers,
+        score=score,
+    )
     return Prepared(runtime, bundle, data, templates, head, scale, evaluator)
 
 
 def _zero_shot_tree(bundle: ClipBundle, head: Tensor) -> dict[str, Tensor]:
-    return {**{f"visual.{n}": p.detach().clone() for n, p in bundle.model.visual.named_parameters()}, "head": head}
+    return {
+        **{
+            f"visual.{n}": p.detach().clone()
+            for n, p in visual_tower(bundle.model).named_parameters()
+        },
+        "head": head,
+    }
 
 
 def _confidence(prep: Prepared, config: RunConfig) -> Tensor:
@@ -122,7 +142,9 @@ def _confidence(prep: Prepared, config: RunConfig) -> Tensor:
     bundle, rt = prep.bundle, prep.runtime
     with torch.no_grad():
         context = clip.init_context(bundle.model, bundle.tokenizer, config.prompt)
-        text = clip.encode_text_with_context(bundle.model, context, prep.data.names, bundle.tokenizer)
+        text = clip.encode_text_with_context(
+            bundle.model, context, prep.data.names, bundle.tokenizer
+        )
     train_ds = prep.data.train
     plain = FolderDataset(config.train, prep.data.folders, bundle.eval_transform)
     n = len(train_ds)  # type: ignore[arg-type]
@@ -146,7 +168,9 @@ def _log(runtime: Runtime) -> Callable[[str], None]:
     return print if runtime.main else (lambda _: None)
 
 
-def finetune(config: RunConfig, *, resume: bool = False, runtime: Runtime | None = None) -> dict[str, Any]:
+def finetune(
+    config: RunConfig, *, resume: bool = False, runtime: Runtime | None = None
+) -> dict[str, Any]:
     """Run one training job (supervised or unsupervised) and write its run folder.
 
     Returns:
@@ -159,12 +183,14 @@ def finetune(config: RunConfig, *, resume: bool = False, runtime: Runtime | None
     out = Path(config.output)
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config.to_json(), indent=1) + "\n", encoding="utf-8")
+        (out / "config.json").write_text(
+            json.dumps(config.to_json(), indent=1) + "\n", encoding="utf-8"
+        )
         if not resume:
             (out / "metrics.jsonl").write_text("", encoding="utf-8")
     if rt.world > 1:
         torch.distributed.barrier()
-    head, extra = prep.head, {}
+    head, extra = prep.head, dict[str, Any]()
     if config.method == "lp-ft":
         head, extra = _linear_probe(prep, config)
     confidence = _confidence(prep, config) if config.method in UNSUPERVISED else None
@@ -174,11 +200,22 @@ def finetune(config: RunConfig, *, resume: bool = False, runtime: Runtime | None
     if config.method in UNSUPERVISED:
         with torch.no_grad():
             ctx0 = clip.init_context(bundle.model, bundle.tokenizer, config.prompt)
-            zero_head = clip.encode_text_with_context(bundle.model, ctx0, data.names, bundle.tokenizer)
+            zero_head = clip.encode_text_with_context(
+                bundle.model, ctx0, data.names, bundle.tokenizer
+            )
     results: dict[str, dict[str, Any]] = {}
     results["zero-shot"] = _evaluate(prep, config, _zero_shot_tree(bundle, zero_head), sets)
-    ctx = Context(bundle.model, bundle.tokenizer, data.names, prep.templates, head, prep.scale, config,
-                  confidence, rt.group)
+    ctx = Context(
+        bundle.model,
+        bundle.tokenizer,
+        data.names,
+        prep.templates,
+        head,
+        prep.scale,
+        config,
+        confidence,
+        rt.group,
+    )
     method = build(ctx)
     validate = None
     if data.val is not None:
@@ -189,8 +226,9 @@ def finetune(config: RunConfig, *, resume: bool = False, runtime: Runtime | None
             return float(prep.evaluator.evaluate(val)["accuracy"])
 
     log(f"{config.method}: {len(data.train)} training images, {len(data.names)} classes")  # type: ignore[arg-type]
-    result: TrainResult = train(method, data.train, config, rt, run_dir=out, resume=resume,
-                                validate=validate, log=log)
+    result: TrainResult = train(
+        method, data.train, config, rt, run_dir=out, resume=resume, validate=validate, log=log
+    )
     weights = {"last": result.last, "average": result.averaged, "best": result.best}
     for name, tree in weights.items():
         if tree is None:
@@ -198,17 +236,25 @@ def finetune(config: RunConfig, *, resume: bool = False, runtime: Runtime | None
         if rt.main:
             ckpt.save_tree(out / f"{name}.safetensors", tree)
         results[name] = _evaluate(prep, config, tree, sets)
-    payload = {"method": config.method, "steps": result.history[-1]["step"] if result.history else 0,
-               "train_seconds": result.seconds, **extra, "results": results}
+    payload = {
+        "method": config.method,
+        "steps": result.history[-1]["step"] if result.history else 0,
+        "train_seconds": result.seconds,
+        **extra,
+        "results": results,
+    }
     if rt.main:
         (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-        (out / "summary.md").write_text(f"# {config.method}\n\n" + format_summary(results) + "\n", encoding="utf-8")
+        (out / "summary.md").write_text(
+            f"# {config.method}\n\n" + format_summary(results) + "\n", encoding="utf-8"
+        )
         log(format_summary(results))
     return payload
 
 
-def _evaluate(prep: Prepared, config: RunConfig, tree: Mapping[str, Tensor],
-              sets: Mapping[str, Dataset[Any]]) -> dict[str, Any]:
+def _evaluate(
+    prep: Prepared, config: RunConfig, tree: Mapping[str, Tensor], sets: Mapping[str, Dataset[Any]]
+) -> dict[str, Any]:
     """Metrics of ``tree`` on the validation split and every set; the open-set threshold accepts
     ``config.tpr`` of the validation knowns (no threshold without a labelled validation split)."""
     ev = prep.evaluator
@@ -239,8 +285,9 @@ def _linear_probe(prep: Prepared, config: RunConfig) -> tuple[Tensor, dict[str, 
     xv, yv = ev.logits_and_labels(prep.data.val)
     ev.replica.scale = prep.scale
     strengths = [float(c) for c in str(config.lp_c).split(",") if c.strip()]
-    head, c, scores = fit_linear_head(x, y, xv, yv, strengths=strengths, scale=prep.scale,
-                                      classes=len(prep.data.names))
+    head, c, scores = fit_linear_head(
+        x, y, xv, yv, strengths=strengths, scale=prep.scale, classes=len(prep.data.names)
+    )
     return head, {"linear_probe": {"C": c, "val_accuracy": scores}}
 
 
@@ -251,13 +298,21 @@ def _eval_view(prep: Prepared, config: RunConfig) -> Dataset[Any]:
     return Subset(plain, list(train.indices)) if isinstance(train, Subset) else plain
 
 
-def evaluate_run(config: RunConfig, weights: Sequence[str], *, runtime: Runtime | None = None) -> dict[str, Any]:
+def evaluate_run(
+    config: RunConfig, weights: Sequence[str], *, runtime: Runtime | None = None
+) -> dict[str, Any]:
     """Evaluate saved classifiers (``.safetensors`` files, or ``zero-shot``) on the configured sets."""
     prep = prepare(config, supervised=config.method in SUPERVISED, runtime=runtime)
     results = {}
     for w in weights:
-        tree = _zero_shot_tree(prep.bundle, prep.head) if w == "zero-shot" else ckpt.load_tree(Path(w), prep.runtime.device)
-        results[Path(w).stem if w != "zero-shot" else w] = _evaluate(prep, config, tree, prep.data.evals)
+        tree = (
+            _zero_shot_tree(prep.bundle, prep.head)
+            if w == "zero-shot"
+            else ckpt.load_tree(Path(w), prep.runtime.device)
+        )
+        results[Path(w).stem if w != "zero-shot" else w] = _evaluate(
+            prep, config, tree, prep.data.evals
+        )
     return {"results": results}
 
 
@@ -328,20 +383,31 @@ def posthoc(
     payload = {"posthoc": kind, "runs": [str(f) for f in files], **extra_info, "results": results}
     if rt.main:
         (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-        (out / "summary.md").write_text(f"# {kind}\n\n" + format_summary(results) + "\n", encoding="utf-8")
+        (out / "summary.md").write_text(
+            f"# {kind}\n\n" + format_summary(results) + "\n", encoding="utf-8"
+        )
     return payload
 
 
-def _tpgm(prep: Prepared, config: RunConfig, tree: dict[str, Tensor], theta0: dict[str, Tensor],
-          steps: int) -> dict[str, Tensor]:
+def _tpgm(
+    prep: Prepared,
+    config: RunConfig,
+    tree: dict[str, Tensor],
+    theta0: dict[str, Tensor],
+    steps: int,
+) -> dict[str, Tensor]:
     """TPGM post hoc: radii learned by Adam on the validation loss of the projected classifier."""
     import torch.nn.functional as F
 
     if prep.data.val is None:
         raise ValueError("posthoc: tpgm needs a validation split")
     model = prep.bundle.model
-    loader = torch.utils.data.DataLoader(prep.data.val, batch_size=max(config.batch_size or 64, 64), shuffle=True,
-                                         generator=torch.Generator().manual_seed(config.seed))
+    loader = torch.utils.data.DataLoader(
+        prep.data.val,
+        batch_size=max(config.batch_size or 64, 64),
+        shuffle=True,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
     batches = [(x.to(prep.runtime.device), y.to(prep.runtime.device)) for x, y in loader]
     counter = {"i": 0}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -59,7 +59,11 @@ def plan(config: RunConfig, dataset_size: int, world: int) -> Plan:
             f"{fn}: batch_size must be at most the training set's {dataset_size} samples, got {batch}"
         )
     per_epoch = dataset_size // batch
-    steps = config.steps if config.steps is not None else max(1, round((config.epochs or 1) * per_epoch))
+    steps = (
+        config.steps
+        if config.steps is not None
+        else max(1, round((config.epochs or 1) * per_epoch))
+    )
     return Plan(steps, batch, batch // parts, config.accumulation, per_epoch)
 
 
@@ -101,7 +105,14 @@ class StepSampler(Sampler[list[tuple[int, int, int]]]):
     """
 
     def __init__(self, n: int, p: Plan, *, seed: int, rank: int, world: int, start: int):
-        self.n, self.p, self.seed, self.rank, self.world, self.start = n, p, seed, rank, world, start
+        self.n, self.p, self.seed, self.rank, self.world, self.start = (
+            n,
+            p,
+            seed,
+            rank,
+            world,
+            start,
+        )
 
     def __len__(self) -> int:
         return (self.p.steps - self.start) * self.p.accumulation
@@ -133,7 +144,7 @@ class Seeded(Dataset[tuple[Any, int, int]]):
     def __init__(self, dataset: Dataset[Any]):
         self.dataset = dataset
 
-    def __getitem__(self, key: tuple[int, int, int]) -> tuple[Any, int, int]:  # type: ignore[override]
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[Any, int, int]:
         index, seed, _ = key
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -173,13 +184,19 @@ def make_averager(config: RunConfig, steps: int) -> averaging.Averager | None:
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """open_clip's rule: no weight decay on gains, biases, norms, embeddings' scale (ndim < 2)."""
-    decay, rest = [], []
+    decay: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or "bias" in name or "logit_scale" in name or ".ln" in name or "bn" in name
+        skip = (
+            p.ndim < 2 or "bias" in name or "logit_scale" in name or ".ln" in name or "bn" in name
+        )
         (rest if skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -262,7 +279,9 @@ def train(
         if config.select == "best" and (run_dir / "best.safetensors").exists():
             best = ckpt.load_tree(run_dir / "best.safetensors")
         history = ckpt.trim_metrics(run_dir, start) if runtime.main else []
-    sampler = StepSampler(n, p, seed=config.seed, rank=runtime.rank, world=runtime.world, start=start)
+    sampler = StepSampler(
+        n, p, seed=config.seed, rank=runtime.rank, world=runtime.world, start=start
+    )
     workers = config.workers
     loader = DataLoader(
         Seeded(dataset),
@@ -316,8 +335,12 @@ def train(
             if runtime.world > 1:
                 torch.distributed.all_reduce(value, group=runtime.group)
                 value = value / runtime.world
-            line = {"step": step, "loss": float(value), "lr": optimizer.param_groups[0]["lr"],
-                    "seconds": time.perf_counter() - tic}
+            line = {
+                "step": step,
+                "loss": float(value),
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - tic,
+            }
             running.zero_()
             history.append(line)
             if runtime.main and run_dir is not None:
@@ -325,7 +348,11 @@ def train(
                     f.write(json.dumps(line) + "\n")
             if bar is not None:
                 bar.set_postfix(loss=f"{line['loss']:.4f}")
-        if validate is not None and config.eval_every and (step % config.eval_every == 0 or step == p.steps):
+        if (
+            validate is not None
+            and config.eval_every
+            and (step % config.eval_every == 0 or step == p.steps)
+        ):
             tree = _export(method, state)
             score = validate(tree)
             line = {"step": step, "val_accuracy": score}
@@ -337,7 +364,12 @@ def train(
                 best_score, best = score, {k: v.detach().cpu().clone() for k, v in tree.items()}
                 if runtime.main and run_dir is not None:
                     ckpt.save_tree(run_dir / "best.safetensors", best)
-        if run_dir is not None and config.save_every and step % config.save_every == 0 and step < p.steps:
+        if (
+            run_dir is not None
+            and config.save_every
+            and step % config.save_every == 0
+            and step < p.steps
+        ):
             ckpt.save(run_dir, net, optimizer, state, runtime, step=step, best_score=best_score)
     if bar is not None:
         bar.close()
@@ -362,4 +394,3 @@ def _export(method: Method, state: Any) -> dict[str, Tensor]:
             return method.export(net)
     finally:
         net.train(was_training)
-

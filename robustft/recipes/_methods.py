@@ -23,7 +23,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from robustft import clip, losses
 from robustft.recipes._config import RunConfig
-from robustft.recipes._nets import ContrastiveCLIP, ImageClassifier, PromptClassifier, Teacher
+from robustft.recipes._nets import (
+    ContrastiveCLIP,
+    ImageClassifier,
+    PromptClassifier,
+    Teacher,
+    visual_tower,
+)
 
 __all__ = ["Context", "Method", "build", "fit_linear_head", "unwrap"]
 
@@ -95,7 +101,7 @@ def _visual_tree(visual: nn.Module) -> dict[str, Tensor]:
 
 def _export_classifier(net: nn.Module) -> dict[str, Tensor]:
     inner = unwrap(net)
-    return {**_visual_tree(inner.visual), "head": full(inner.head)}
+    return {**_visual_tree(visual_tower(inner)), "head": full(inner.get_parameter("head"))}
 
 
 def _teacher_features(teacher: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,10 +109,14 @@ def _teacher_features(teacher: nn.Module, images: Tensor) -> tuple[Tensor, Tenso
     return features, logits
 
 
-def _supervised(ctx: Context, penalty: Callable[[nn.Module, Tensor, Tensor, Batch, int], Tensor] | None,
-                *, teacher: bool = False) -> Method:
+def _supervised(
+    ctx: Context,
+    penalty: Callable[[nn.Module, Tensor, Tensor, Batch, int], Tensor] | None,
+    *,
+    teacher: bool = False,
+) -> Method:
     """CE on the classifier's logits plus ``weight * penalty(net, f, z, batch, step)``."""
-    module = ImageClassifier(ctx.model.visual, ctx.head, ctx.scale)
+    module = ImageClassifier(visual_tower(ctx.model), ctx.head, ctx.scale)
     weight = ctx.config.reg_weight if ctx.config.reg_weight is not None else 0.0
 
     def loss(net: nn.Module, batch: Batch, step: int) -> Tensor:
@@ -117,7 +127,7 @@ def _supervised(ctx: Context, penalty: Callable[[nn.Module, Tensor, Tensor, Batc
             return ce
         return ce + weight * penalty(net, f, z, batch, step)
 
-    frozen = Teacher(ctx.model.visual, ctx.head, ctx.scale) if teacher else None
+    frozen = Teacher(visual_tower(ctx.model), ctx.head, ctx.scale) if teacher else None
     return Method(module, loss, _export_classifier, frozen)
 
 
@@ -128,19 +138,21 @@ def _ft(ctx: Context) -> Method:
 def _l2sp(ctx: Context) -> Method:
     method = _supervised(ctx, None)
     module = method.module
-    anchor = {n: p.detach().clone() for n, p in module.visual.named_parameters()}
+    anchor = {n: p.detach().clone() for n, p in visual_tower(module).named_parameters()}
     weight = ctx.config.reg_weight or 0.0
 
     def loss(net: nn.Module, batch: Batch, step: int) -> Tensor:
         images, labels, _ = batch
         _, z = net(images)
-        params = dict(unwrap(net).visual.named_parameters())
+        params = dict(visual_tower(unwrap(net)).named_parameters())
         return F.cross_entropy(z.float(), labels) + weight * losses.l2sp(params, anchor=anchor)
 
     return method._replace(loss=loss)
 
 
-def _with_teacher(ctx: Context, term: Callable[[Tensor, Tensor, Tensor, Tensor, Batch, int], Tensor]) -> Method:
+def _with_teacher(
+    ctx: Context, term: Callable[[Tensor, Tensor, Tensor, Tensor, Batch, int], Tensor]
+) -> Method:
     holder: dict[str, nn.Module] = {}
 
     def penalty(net: nn.Module, f: Tensor, z: Tensor, batch: Batch, step: int) -> Tensor:
@@ -156,12 +168,17 @@ def _with_teacher(ctx: Context, term: Callable[[Tensor, Tensor, Tensor, Tensor, 
 def _kd(ctx: Context) -> Method:
     temperature = ctx.config.temperature
     return _with_teacher(
-        ctx, lambda f, z, f0, z0, b, s: losses.distillation(z, teacher_logits=z0, temperature=temperature)
+        ctx,
+        lambda f, z, f0, z0, b, s: losses.distillation(
+            z, teacher_logits=z0, temperature=temperature
+        ),
     )
 
 
 def _feature_kd(ctx: Context) -> Method:
-    return _with_teacher(ctx, lambda f, z, f0, z0, b, s: losses.feature_distillation(f, reference_features=f0))
+    return _with_teacher(
+        ctx, lambda f, z, f0, z0, b, s: losses.feature_distillation(f, reference_features=f0)
+    )
 
 
 def _car_ft(ctx: Context) -> Method:
@@ -175,7 +192,9 @@ def _car_ft(ctx: Context) -> Method:
     )
 
 
-def lipsum_texts(model: nn.Module, tokenizer: Any, config: RunConfig, step: int, device: torch.device) -> Tensor:
+def lipsum_texts(
+    model: nn.Module, tokenizer: Any, config: RunConfig, step: int, device: torch.device
+) -> Tensor:
     """``[M, dim]`` features of step ``step``'s random texts (the same on every rank and on resume)."""
     g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
     tokens = clip.random_text_tokens(
@@ -196,7 +215,9 @@ def _lipsum(ctx: Context) -> Method:
 
     def term(f: Tensor, z: Tensor, f0: Tensor, z0: Tensor, batch: Batch, step: int) -> Tensor:
         texts = lipsum_texts(model, tokenizer, config, step, f.device)
-        gap = losses.energy_gap(f, reference_features=f0, text_features=texts, logit_scale=ctx.scale)
+        gap = losses.energy_gap(
+            f, reference_features=f0, text_features=texts, logit_scale=ctx.scale
+        )
         return strength * gap
 
     return _with_teacher(ctx, term)
@@ -205,14 +226,18 @@ def _lipsum(ctx: Context) -> Method:
 def _clipood(ctx: Context) -> Method:
     text = ctx.head.detach().clone()
     distances = losses.text_distances(text)
-    module = ImageClassifier(ctx.model.visual, text, ctx.scale, train_head=False)
+    module = ImageClassifier(visual_tower(ctx.model), text, ctx.scale, train_head=False)
     margin = ctx.config.margin
 
     def loss(net: nn.Module, batch: Batch, step: int) -> Tensor:
         images, labels, _ = batch
         f, _ = net(images)
         return losses.margin_metric_softmax(
-            f.float(), text.to(f.device), labels, margin=margin, logit_scale=ctx.scale,
+            f.float(),
+            text.to(f.device),
+            labels,
+            margin=margin,
+            logit_scale=ctx.scale,
             text_distances=distances.to(f.device),
         )
 
@@ -236,7 +261,7 @@ def _flyp(ctx: Context) -> Method:
     def export(net: nn.Module) -> dict[str, Tensor]:
         with torch.no_grad():
             head = clip.zero_shot_head(unwrap(net), ctx.tokenizer, ctx.classnames, ctx.templates)
-        return {**_visual_tree(unwrap(net).model.visual), "head": head}
+        return {**_visual_tree(visual_tower(unwrap(net).get_submodule("model"))), "head": head}
 
     return Method(module, loss, export)
 
@@ -259,7 +284,10 @@ def _unsupervised(ctx: Context) -> Method:
     def export(net: nn.Module) -> dict[str, Tensor]:
         with torch.no_grad():
             head = net(None)
-        return {**_visual_tree(unwrap(net).model.visual), "head": full(head)}
+        return {
+            **_visual_tree(visual_tower(unwrap(net).get_submodule("model"))),
+            "head": full(head),
+        }
 
     return Method(module, loss, export)
 
@@ -295,6 +323,21 @@ def build(ctx: Context) -> Method:
     return BUILDERS[name](ctx._replace(model=copy.deepcopy(ctx.model)))
 
 
+def _fit_probe(x: Tensor, y: Tensor, classes: int, c: float, max_iter: int) -> Tensor:
+    """One L-BFGS fit of the L2-regularised logistic regression at inverse strength ``c``."""
+    w = torch.zeros(classes, x.shape[1], dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        objective = F.cross_entropy(x @ w.T, y) + (w * w).sum() / (2 * c * len(y))
+        objective.backward()
+        return objective
+
+    opt.step(closure)
+    return w.detach()
+
+
 def fit_linear_head(
     train_features: Tensor,
     train_labels: Tensor,
@@ -327,19 +370,10 @@ def fit_linear_head(
     scores: dict[float, float] = {}
     best: tuple[float, float, Tensor] | None = None
     for c in sorted(strengths):
-        w = torch.zeros(classes, x.shape[1], dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([w], max_iter=max_iter, line_search_fn="strong_wolfe")
-
-        def closure() -> Tensor:
-            opt.zero_grad()
-            objective = F.cross_entropy(x @ w.T, y) + (w * w).sum() / (2 * c * len(y))
-            objective.backward()
-            return objective
-
-        opt.step(closure)
-        acc = float(((xv @ w.detach().T).argmax(-1) == yv).double().mean())
+        w = _fit_probe(x, y, classes, c, max_iter)
+        acc = float(((xv @ w.T).argmax(-1) == yv).double().mean())
         scores[c] = acc
         if best is None or acc > best[0]:
-            best = (acc, c, w.detach())
+            best = (acc, c, w)
     assert best is not None
     return best[2].float(), best[1], scores

@@ -19,7 +19,29 @@ from torch import Tensor, nn
 
 from robustft import clip
 
-__all__ = ["ContrastiveCLIP", "ImageClassifier", "PromptClassifier", "Teacher", "shard_units"]
+__all__ = [
+    "ContrastiveCLIP",
+    "ImageClassifier",
+    "PromptClassifier",
+    "Teacher",
+    "shard_units",
+    "visual_tower",
+]
+
+
+def visual_tower(model: nn.Module) -> nn.Module:
+    """``model.visual``, the image tower of an open_clip model.
+
+    Raises:
+        TypeError: if ``model`` has no ``visual`` submodule.
+    """
+    tower = getattr(model, "visual", None)
+    if not isinstance(tower, nn.Module):
+        raise TypeError(
+            f"visual_tower: model must be an open_clip model with a .visual image tower, "
+            f"got {type(model).__name__}"
+        )
+    return tower
 
 
 def _logit_scale(model: nn.Module) -> float:
@@ -53,6 +75,8 @@ class Teacher(nn.Module):
 
     ``forward(images)`` returns ``(features, logits)`` without gradient, the tower in eval mode.
     """
+
+    head: Tensor
 
     def __init__(self, visual: nn.Module, head: Tensor, scale: float):
         super().__init__()
@@ -99,10 +123,12 @@ class PromptClassifier(nn.Module):
         return super().train(False)
 
     def forward(self, images: Tensor | None) -> Tensor:
-        text = clip.encode_text_with_context(self.model, self.context, self.classnames, self.tokenizer)
+        text = clip.encode_text_with_context(
+            self.model, self.context, self.classnames, self.tokenizer
+        )
         if images is None:
             return text
-        features = F.normalize(self.model.visual(images), dim=-1)
+        features = F.normalize(visual_tower(self.model)(images), dim=-1)
         return self.scale * features @ text.to(features.dtype).T
 
 
@@ -113,6 +139,8 @@ class ContrastiveCLIP(nn.Module):
     ``forward(None, tokens)`` returns the normalised text features alone (for the final head).
     """
 
+    model: Any  # an open_clip CLIP: its encode_image / encode_text are called
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
@@ -122,11 +150,12 @@ class ContrastiveCLIP(nn.Module):
         if images is None:
             return text
         features = F.normalize(self.model.encode_image(images), dim=-1)
-        return features, text, self.model.logit_scale.exp().clamp(max=100.0)
+        return features, text, clip.logit_scale(self.model, max=100.0)
 
     def encode_text(self, tokens: Tensor) -> Tensor:
         """The text tower through this module's forward (so DDP/FSDP hooks run)."""
-        return self(None, tokens)  # type: ignore[no-any-return]
+        text: Tensor = self(None, tokens)
+        return text
 
 
 def shard_units(module: nn.Module) -> list[nn.Module]:

@@ -71,7 +71,9 @@ def init(*, device: str | None, precision: str, distributed: str) -> Runtime:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     if device is None:
-        dev = torch.device(f"cuda:{local_rank}" if cuda and world > 1 else ("cuda" if cuda else "cpu"))
+        dev = torch.device(
+            f"cuda:{local_rank}" if cuda and world > 1 else ("cuda" if cuda else "cpu")
+        )
     else:
         dev = torch.device(device)
         if dev.type == "cuda" and world > 1 and dev.index is None:
@@ -120,7 +122,9 @@ def _shard(module: nn.Module) -> nn.Module:
     return module
 
 
-def wrap(module: nn.Module, teacher: nn.Module | None, runtime: Runtime) -> tuple[nn.Module, nn.Module | None]:
+def wrap(
+    module: nn.Module, teacher: nn.Module | None, runtime: Runtime
+) -> tuple[nn.Module, nn.Module | None]:
     """Move the trained module (and the teacher) to the device and apply the data parallelism.
 
     Returns:
