@@ -105,7 +105,9 @@ def prepare(
     runtime = runtime or init(
         device=config.device, precision=config.precision, distributed=config.distributed
     )
-    bundle = load_model(config.model, pretrained=config.pretrained, device=runtime.device)
+    with torch.random.fork_rng(devices=[]):  # a random init (no --pretrained) is seeded: every
+        torch.manual_seed(config.seed)  # rank, and a resumed run, builds the same model
+        bundle = load_model(config.model, pretrained=config.pretrained, device=runtime.device)
     data = load_data(config, bundle, supervised=supervised)
     templates = templates_of(config.templates)
     with torch.no_grad():
