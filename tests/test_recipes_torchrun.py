@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from recipes_fixtures import write_digits, write_tiny_config  # noqa: E402
+from recipes_fixtures import write_digits, write_tiny_config
 
 TIMEOUT = 240
 
