@@ -226,3 +226,13 @@ EXACT = (
     "auroc",
     "fpr95",
 )
+
+
+def test_l2sp_is_refused_under_fsdp2() -> None:
+    """L2-SP reads the parameters outside the forward: FSDP2 would hand it shards."""
+    from robustft.recipes import Runtime, build, train
+
+    config, ctx, dataset = _setup("l2sp")
+    runtime = Runtime(torch.device("cpu"), 0, 1, "fsdp", None)
+    with pytest.raises(ValueError, match=r"train: method 'l2sp' cannot run under FSDP2.*ddp"):
+        train(build(ctx), dataset, config, runtime)

@@ -6,25 +6,45 @@ who want the loop without the command line: :func:`train` is the one training lo
 it too), :func:`build` turns a configuration into a method (trained module + loss), and
 :class:`RunConfig` holds every setting with the papers' defaults per method.
 
-This package sits above :mod:`robustft.clip`: it imports open_clip, torchvision and safetensors.
+This package sits above :mod:`robustft.clip`: it imports open_clip, torchvision and safetensors,
+lazily, on first use of a name (so ``robustft --help`` answers at once).
 """
 
-from robustft.recipes._config import (
-    AVERAGES,
-    METHOD_DEFAULTS,
-    METHODS,
-    SCORES,
-    RunConfig,
-    load_config_file,
-    resolve,
-)
-from robustft.recipes._data import FolderDataset, class_names, holdout
-from robustft.recipes._evaluate import Evaluator, threshold_at_tpr
-from robustft.recipes._jobs import evaluate_run, finetune, posthoc
-from robustft.recipes._loop import Plan, TrainResult, lr_factor, plan, train
-from robustft.recipes._methods import Context, Method, build, fit_linear_head
-from robustft.recipes._model import ClipBundle, load_model
-from robustft.recipes._runtime import Runtime
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from robustft.recipes._config import (
+        AVERAGES,
+        METHOD_DEFAULTS,
+        METHODS,
+        SCORES,
+        RunConfig,
+        load_config_file,
+        resolve,
+    )
+    from robustft.recipes._data import FolderDataset, class_names, holdout
+    from robustft.recipes._evaluate import Evaluator, threshold_at_tpr
+    from robustft.recipes._jobs import evaluate_run, finetune, posthoc
+    from robustft.recipes._loop import Plan, TrainResult, lr_factor, plan, train
+    from robustft.recipes._methods import Context, Method, build, fit_linear_head
+    from robustft.recipes._model import ClipBundle, load_model
+    from robustft.recipes._runtime import Runtime
+
+_HOMES = {
+    "_config": ("AVERAGES", "METHODS", "METHOD_DEFAULTS", "SCORES", "RunConfig",
+                "load_config_file", "resolve"),
+    "_data": ("FolderDataset", "class_names", "holdout"),
+    "_evaluate": ("Evaluator", "threshold_at_tpr"),
+    "_jobs": ("evaluate_run", "finetune", "posthoc"),
+    "_loop": ("Plan", "TrainResult", "lr_factor", "plan", "train"),
+    "_methods": ("Context", "Method", "build", "fit_linear_head"),
+    "_model": ("ClipBundle", "load_model"),
+    "_runtime": ("Runtime",),
+}  # fmt: skip
+_HOME = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
     "AVERAGES",
@@ -55,3 +75,16 @@ __all__ = [
     "threshold_at_tpr",
     "train",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'robustft.recipes' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"robustft.recipes.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -100,7 +100,8 @@ def parser() -> argparse.ArgumentParser:
         nargs="+",
         required=True,
         metavar="RUN",
-        help="run folders (their last.safetensors) or .safetensors files",
+        help="run folders (their last.safetensors) or .safetensors files; the first must be a "
+        "run folder, whose config.json gives the model, the classes and the data",
     )
     post.add_argument(
         "--alphas",
@@ -133,14 +134,29 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+# what --resume may change: where and how the run is watched, never what it computes
+RESUMABLE = frozenset(
+    {"output", "workers", "progress", "log_every", "save_every", "device", "eval"}
+)
+
+
+def _run_config(fn: str, option: str, run: str) -> dict[str, Any]:
+    """The ``config.json`` of a run folder, or a clear error naming the option."""
+    saved = Path(run) / "config.json"
+    if not saved.is_file():
+        raise ValueError(
+            f"{fn}: {option} must be a run folder holding config.json (written by robustft "
+            f"finetune/ueo), got {run!r}"
+        )
+    data: dict[str, Any] = json.loads(saved.read_text(encoding="utf-8"))
+    return data
+
+
 def _config_from(args: argparse.Namespace, family: Sequence[str]) -> tuple[RunConfig, bool]:
     values: dict[str, Any] = {}
     resume = False
     if args.resume:
-        saved = Path(args.resume) / "config.json"
-        if not saved.exists():
-            raise SystemExit(f"robustft: --resume {args.resume}: no config.json in that folder")
-        values.update(json.loads(saved.read_text(encoding="utf-8")))
+        values.update(_run_config(args.command, "--resume", args.resume))
         resume = True
     if args.config:
         values.update(load_config_file(args.config))
@@ -150,6 +166,13 @@ def _config_from(args: argparse.Namespace, family: Sequence[str]) -> tuple[RunCo
             values[f.name] = v
     if args.resume:
         values["output"] = args.resume
+        saved = _run_config(args.command, "--resume", args.resume)
+        changed = sorted(k for k in values if k not in RESUMABLE and values[k] != saved.get(k))
+        if changed:
+            raise ValueError(
+                f"{args.command}: --resume continues the run as configured; it may change only "
+                f"{', '.join(sorted(RESUMABLE))}, got new values for {changed}"
+            )
     method = values.get("method") or family[0]
     if method not in family:
         raise SystemExit(
@@ -173,12 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _jobs.main_finetune(config, resume=resume)
             return 0
         if args.command == "posthoc":
-            first = Path(args.runs[0])
-            base = (
-                json.loads((first / "config.json").read_text(encoding="utf-8"))
-                if first.is_dir()
-                else {}
-            )
+            base = _run_config("posthoc", "--runs (the first)", args.runs[0])
             base.update({"output": args.output, "progress": False})
             if args.eval:
                 base["eval"] = args.eval
@@ -191,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 0
         run = Path(args.run)
-        base = json.loads((run / "config.json").read_text(encoding="utf-8"))
+        base = _run_config("evaluate", "--run", args.run)
         if args.eval:
             base["eval"] = args.eval
         if args.device:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from robustft._checks import describe
+from robustft._checks import describe, is_real_number
 
 __all__ = [
     "AVERAGES",
@@ -300,12 +300,31 @@ def resolve(overrides: Mapping[str, Any], *, method: str | None = None) -> RunCo
     name = given.pop("method", None) or method or "ft"
     if name not in METHODS:
         raise ValueError(f"{fn}: method must be one of {', '.join(METHODS)}, got {name!r}")
-    values: dict[str, Any] = {**METHOD_DEFAULTS[name], **given, "method": name}
+    defaults = dict(METHOD_DEFAULTS[name])
+    if "epochs" in given or "steps" in given:  # a length the user gives replaces the default's
+        defaults.pop("steps", None)
+        defaults.pop("epochs", None)
+    values: dict[str, Any] = {**defaults, **given, "method": name}
+    for key, value in values.items():  # NumPy numbers -> Python (config.json stays JSON)
+        if key in _FLOATS and is_real_number(value) and type(value) not in (int, float):
+            values[key] = float(value)
+        elif key in _INTS and is_real_number(value) and hasattr(value, "__index__"):
+            values[key] = int(value)  # NumPy integers; a float such as 2.0 is refused below
+    if "epochs" in values and is_real_number(values["epochs"]):
+        values["epochs"] = float(values["epochs"])
     if "eval" in values:
         values["eval"] = _named_paths(fn, values["eval"])
     config = RunConfig(**values)
     _validate(fn, config, fields)
     return config
+
+
+_FLOATS = frozenset(
+    f.name for f in dataclasses.fields(RunConfig) if str(f.type).split("|")[0].strip() == "float"
+)
+_INTS = frozenset(
+    f.name for f in dataclasses.fields(RunConfig) if str(f.type).split("|")[0].strip() == "int"
+)
 
 
 def _validate(fn: str, c: RunConfig, fields: Mapping[str, dataclasses.Field[Any]]) -> None:
@@ -329,7 +348,7 @@ def _validate(fn: str, c: RunConfig, fields: Mapping[str, dataclasses.Field[Any]
             raise ValueError(f"{fn}: {name} must be an integer >= 0, got {value!r}")
     if c.steps is None and c.epochs is None:
         raise ValueError(f"{fn}: one of steps or epochs must be set, got neither")
-    if c.epochs is not None and not (isinstance(c.epochs, (int, float)) and c.epochs > 0):
+    if c.epochs is not None and not (is_real_number(c.epochs) and 0 < c.epochs < math.inf):
         raise ValueError(f"{fn}: epochs must be a positive number, got {c.epochs!r}")
     checks = {
         "lr": (c.lr, lambda v: v > 0, "> 0"),
@@ -349,11 +368,7 @@ def _validate(fn: str, c: RunConfig, fields: Mapping[str, dataclasses.Field[Any]
     for name, (value, ok, allowed) in checks.items():
         if value is None:
             continue
-        if (
-            not isinstance(value, (int, float))
-            or isinstance(value, bool)
-            or not math.isfinite(value)
-        ):
+        if not is_real_number(value) or not math.isfinite(value):
             raise TypeError(f"{fn}: {name} must be a finite number, got {describe(value)}")
         if not ok(value):
             raise ValueError(f"{fn}: {name} must be {allowed}, got {value!r}")
@@ -386,9 +401,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{fn}: config file {str(p)!r} does not exist")
     text = p.read_text(encoding="utf-8")
     if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
+        data = _yaml_load(text)
     elif p.suffix == ".json":
         data = json.loads(text)
     else:
@@ -396,3 +409,29 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{fn}: config file must hold a mapping of fields, got {describe(data)}")
     return data
+
+
+def _yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2's floats: ``1e-5`` is a number (PyYAML's YAML 1.1 reads a
+    string), as users write learning rates."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+        for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    float_re = re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    )
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", float_re, list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)  # a SafeLoader subclass: no arbitrary objects

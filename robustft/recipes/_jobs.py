@@ -340,13 +340,13 @@ def posthoc(
     kinds = ("wise", "tpgm", "uniform-soup", "greedy-soup")
     if kind not in kinds:
         raise ValueError(f"{fn}: kind must be one of {', '.join(kinds)}, got {kind!r}")
+    files = [Path(r) / "last.safetensors" if Path(r).is_dir() else Path(r) for r in runs]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{fn}: runs must hold last.safetensors, missing {missing}")
     prep = prepare(config, supervised=True, runtime=runtime)
     rt = prep.runtime
     dev = rt.device
-    files = [Path(r) / "last.safetensors" if Path(r).is_dir() else Path(r) for r in runs]
-    missing = [str(f) for f in files if not f.exists()]
-    if missing:
-        raise FileNotFoundError(f"{fn}: runs must hold last.safetensors, missing {missing}")
     theta0 = _zero_shot_tree(prep.bundle, prep.head)
     trees = [ckpt.load_tree(f, dev) for f in files]
     val = prep.data.val

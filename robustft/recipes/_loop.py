@@ -268,6 +268,12 @@ def train(
     Returns:
         A :class:`TrainResult`.
     """
+    if runtime.strategy == "fsdp" and not method.shardable:
+        raise ValueError(
+            f"train: method {config.method!r} cannot run under FSDP2 (its loss reads the trained "
+            f"parameters outside the module's forward, where FSDP2 holds only shards); use "
+            f"--distributed ddp"
+        )
     n = len(dataset)  # type: ignore[arg-type]
     p = plan(config, n, runtime.world)
     net, teacher = wrap(method.module, method.teacher, runtime)

@@ -73,12 +73,15 @@ class Method(NamedTuple):
         export: ``(wrapped module) -> {"visual.*": ..., "head": ...}``, the classifier the
             trained parameters define (full tensors), for evaluation and saving.
         teacher: the frozen zero-shot model, if the loss uses it (the runtime places it).
+        shardable: whether the loss is correct under FSDP2 (every trained tensor read inside the
+            module's forward); L2-SP reads the parameters directly and is DDP-only.
     """
 
     module: nn.Module
     loss: Loss
     export: Callable[[nn.Module], dict[str, Tensor]]
     teacher: nn.Module | None = None
+    shardable: bool = True
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -137,17 +140,21 @@ def _ft(ctx: Context) -> Method:
 
 def _l2sp(ctx: Context) -> Method:
     method = _supervised(ctx, None)
-    module = method.module
-    anchor = {n: p.detach().clone() for n, p in visual_tower(module).named_parameters()}
+    pretrained = {n: p.detach().clone() for n, p in visual_tower(method.module).named_parameters()}
     weight = ctx.config.reg_weight or 0.0
+    cache: dict[str, dict[str, Tensor]] = {}
 
     def loss(net: nn.Module, batch: Batch, step: int) -> Tensor:
         images, labels, _ = batch
         _, z = net(images)
         params = dict(visual_tower(unwrap(net)).named_parameters())
-        return F.cross_entropy(z.float(), labels) + weight * losses.l2sp(params, anchor=anchor)
+        if "anchor" not in cache:  # moved once, after the runtime placed the module
+            cache["anchor"] = {n: pretrained[n].to(p.device) for n, p in params.items()}
+        penalty = losses.l2sp(params, anchor=cache["anchor"])
+        return F.cross_entropy(z.float(), labels) + weight * penalty
 
-    return method._replace(loss=loss)
+    # the penalty reads the parameters outside the module's forward: under FSDP2 they are shards
+    return method._replace(loss=loss, shardable=False)
 
 
 def _with_teacher(
