@@ -138,42 +138,55 @@ def _close(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> None:
             )
 
 
+METHODS = ("clipood", "lipsum", "ueo")
+
+
 @pytest.fixture(scope="module")
 def single() -> dict[str, Any]:
-    return {m: _run(0, 1, m, "single") for m in ("clipood", "lipsum", "ueo")}
+    return {m: _run(0, 1, m, "single") for m in METHODS}
+
+
+def _each(rank: int, world: int, methods: tuple[str, ...], strategy: str, mutate: bool) -> Any:
+    """Several runs in one spawn of the ranks (process start-up and imports are the slow part)."""
+    return {m: _run(rank, world, m, strategy, mutate) for m in methods}
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-@pytest.mark.parametrize("method", ["clipood", "lipsum", "ueo"])
-def test_two_ranks_equal_one_process(single: dict[str, Any], method: str, strategy: str) -> None:
-    ranks = run_distributed(_run, world_size=2, args=(method, strategy), timeout=180)
-    _close(ranks[0], single[method])
-    _close(ranks[1], single[method])
+def test_two_ranks_equal_one_process(single: dict[str, Any], strategy: str) -> None:
+    ranks = run_distributed(_each, world_size=2, args=(METHODS, strategy, False), timeout=300)
+    for method in METHODS:
+        _close(ranks[0][method], single[method])
+        _close(ranks[1][method], single[method])
 
 
-@pytest.mark.parametrize("method", ["clipood", "ueo"])
-def test_dropping_gradient_sync_is_detected(single: dict[str, Any], method: str) -> None:
+def test_dropping_gradient_sync_is_detected(single: dict[str, Any]) -> None:
     """The mutation: ranks not wrapped in DDP train apart, and the equality test catches it."""
-    ranks = run_distributed(_run, world_size=2, args=(method, "ddp", True), timeout=180)
-    with pytest.raises(AssertionError):
-        _close(ranks[0], single[method])
+    methods = ("clipood", "ueo")
+    ranks = run_distributed(_each, world_size=2, args=(methods, "ddp", True), timeout=300)
+    for method in methods:
+        with pytest.raises(AssertionError):
+            _close(ranks[0][method], single[method])
 
 
-def _kill_and_resume(rank: int, world: int, method: str, run_dir: str) -> Any:
-    killed = _run(rank, world, method, "fsdp", run_dir=run_dir, interrupt_at=3)
-    assert killed == {}
-    return _run(rank, world, method, "fsdp", run_dir=run_dir, resume=True)
+def _kill_and_resume(rank: int, world: int, run_dir: str) -> Any:
+    out = {}
+    for method in ("clipood", "ueo"):
+        folder = f"{run_dir}/{method}"
+        killed = _run(rank, world, method, "fsdp", run_dir=folder, interrupt_at=3)
+        assert killed == {}
+        out[method] = _run(rank, world, method, "fsdp", run_dir=folder, resume=True)
+    return out
 
 
-@pytest.mark.parametrize("method", ["clipood", "ueo"])
 def test_fsdp2_sharded_checkpoint_resume_equals_uninterrupted(
-    single: dict[str, Any], method: str, tmp_path: Path
+    single: dict[str, Any], tmp_path: Path
 ) -> None:
-    ranks = run_distributed(
-        _kill_and_resume, world_size=2, args=(method, str(tmp_path)), timeout=180
-    )
-    assert (tmp_path / "checkpoint.dcp").is_dir()
-    _close(ranks[0], single[method])
+    for method in ("clipood", "ueo"):
+        (tmp_path / method).mkdir()
+    ranks = run_distributed(_kill_and_resume, world_size=2, args=(str(tmp_path),), timeout=300)
+    for method in ("clipood", "ueo"):
+        assert (tmp_path / method / "checkpoint.dcp").is_dir()
+        _close(ranks[0][method], single[method])
 
 
 def _ddp_kill_and_resume(rank: int, world: int, run_dir: str) -> Any:
