@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -657,3 +658,62 @@ def test_missing_train_and_resume_folder(
     assert "evaluate: --run must be a run folder holding config.json" in capsys.readouterr().err
     assert main(["posthoc", "wise", "--runs", str(tmp_path), "--output", str(tmp_path / "p")]) == 2
     assert "posthoc: --runs (the first) must be a run folder" in capsys.readouterr().err
+
+
+# --- options added after review: class subsets, saved blends, early refusals -------------------
+
+
+def test_posthoc_saves_wise_blends_of_the_chosen_weights(
+    ft_runs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    run_dir = ft_runs[0]
+    args = ["posthoc", "wise", "--runs", str(run_dir), "--alphas", "0,1", "--save-weights"]
+    assert main([*args, "--weights", "last", "--output", str(tmp_path)]) == 0
+    zero, one = (load_file(str(tmp_path / f"wise-{a}.safetensors")) for a in (0, 1))
+    last = load_file(str(run_dir / "last.safetensors"))
+    for key in last:
+        torch.testing.assert_close(one[key], last[key], rtol=0, atol=0)
+    assert not torch.equal(zero["head"], last["head"])  # alpha 0 is the zero-shot classifier
+    # a weights file the runs do not have is named
+    assert main([*args, "--weights", "average", "--output", str(tmp_path / "b")]) == 2
+
+
+def test_eval_classes_present_scores_only_the_classes_of_the_set(
+    tiny: Tiny, tmp_path: Path
+) -> None:
+    """A set holding classes 0-1 only: with "present" every prediction is 0 or 1."""
+    subset = tmp_path / "subset"
+    for folder in ("zero", "one"):
+        shutil.copytree(tiny.digits.test / folder, subset / folder)
+    sets = {"subset": str(subset)}
+    full = read_json(run(overrides(tiny, tmp_path / "all", "ft", eval=sets)) / "results.json")
+    part = read_json(
+        run(overrides(tiny, tmp_path / "present", "ft", eval=sets, eval_classes="present"))
+        / "results.json"
+    )
+    a, b = full["results"]["last"]["subset"], part["results"]["last"]["subset"]
+    assert a["num_known"] == b["num_known"] > 0
+    assert b["accuracy"] >= a["accuracy"]  # fewer wrong classes to choose from
+    assert b["nll"] <= a["nll"] + 1e-6  # the 2-class softmax puts more mass on the truth
+    # the validation split keeps all classes either way
+    assert part["results"]["last"]["val"] == pytest.approx(full["results"]["last"]["val"])
+
+
+def test_select_best_needs_eval_every() -> None:
+    with pytest.raises(ValueError, match=r"resolve: select 'best' .* set eval_every >= 1, got 0"):
+        resolve({"select": "best", "steps": 3})
+
+
+def test_batch_and_fsdp_refusals_come_before_loading(tiny: Tiny, tmp_path: Path) -> None:
+    from robustft.recipes import Runtime
+    from robustft.recipes._jobs import check_runtime
+
+    two = Runtime(torch.device("cpu"), 0, 2, "fsdp", None)
+    with pytest.raises(ValueError, match=r"clipood: batch_size must be a multiple of world size"):
+        check_runtime(resolve({"batch_size": 9}, method="clipood"), two)
+    for method in ("l2sp", "flyp"):
+        with pytest.raises(
+            ValueError, match=rf"{method}: method '{method}' cannot run under FSDP2"
+        ):
+            check_runtime(resolve({"batch_size": 8}, method=method), two)
+    check_runtime(resolve({"batch_size": 8}, method="clipood"), two)

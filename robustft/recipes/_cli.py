@@ -109,6 +109,17 @@ def parser() -> argparse.ArgumentParser:
         help="WiSE-FT mixing coefficients",
     )
     post.add_argument("--tpgm-steps", type=int, default=200, help="Adam steps on TPGM's radii")
+    post.add_argument(
+        "--weights",
+        choices=("last", "average", "best"),
+        default="last",
+        help="which classifier of each run folder to combine (default: last)",
+    )
+    post.add_argument(
+        "--save-weights",
+        action="store_true",
+        help="also write each WiSE-FT blend as wise-<alpha>.safetensors (wise-0 is zero-shot)",
+    )
     post.add_argument("--output", required=True, help="folder for results.json and the weights")
     post.add_argument("--eval", action="append", metavar="NAME=DIR", help="evaluation sets")
     post.add_argument("--device", help="device (default: cuda if available)")
@@ -136,7 +147,7 @@ def parser() -> argparse.ArgumentParser:
 
 # what --resume may change: where and how the run is watched, never what it computes
 RESUMABLE = frozenset(
-    {"output", "workers", "progress", "log_every", "save_every", "device", "eval"}
+    {"output", "workers", "progress", "log_every", "save_every", "device", "eval", "eval_classes"}
 )
 
 
@@ -205,7 +216,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = resolve(base)
             alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
             _jobs.posthoc(
-                config, args.runs, kind=args.kind, alphas=alphas, tpgm_steps=args.tpgm_steps
+                config,
+                args.runs,
+                kind=args.kind,
+                alphas=alphas,
+                tpgm_steps=args.tpgm_steps,
+                weights=args.weights,
+                save_weights=args.save_weights,
             )
             return 0
         run = Path(args.run)

@@ -33,7 +33,9 @@ METHODS = SUPERVISED + UNSUPERVISED
 """Every trainable method, supervised first (``robustft finetune``), then unsupervised
 (``robustft ueo``)."""
 AVERAGES = ("none", "ema", "bma", "uniform")
+"""The trajectory averages of ``--average`` (:mod:`robustft.averaging`; ``none`` keeps none)."""
 SCORES = ("msp", "mcm", "energy", "max_logit")
+"""The OOD scores of ``--score`` (``mcm``: MSP of the cosines at scale 1, UEO's score)."""
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -69,6 +71,12 @@ class RunConfig:
     )
     classnames: str | None = _f(
         None, "class names file: one class per line, 'folder' or 'folder<TAB>name'; or JSON"
+    )
+    eval_classes: str = _f(
+        "all",
+        "classes an evaluation set is scored over: all, or present (only those with a folder in "
+        "the set, as ImageNet-R/-A score 200 of the 1000 classes)",
+        choices=("all", "present"),
     )
     templates: str = _f("openai", "zero-shot head prompts: openai (80 templates) or simple (1)")
     output: str = _f("runs/run", "run folder (created; config, metrics, results, weights)")
@@ -277,6 +285,11 @@ def _validate(fn: str, c: RunConfig, fields: Mapping[str, dataclasses.Field[Any]
             raise TypeError(f"{fn}: {name} must be a finite number, got {describe(value)}")
         if not ok(value):
             raise ValueError(f"{fn}: {name} must be {allowed}, got {value!r}")
+    if c.select == "best" and not c.eval_every:
+        raise ValueError(
+            f"{fn}: select 'best' picks weights on the validation split every eval_every steps; "
+            f"set eval_every >= 1, got {c.eval_every}"
+        )
     if c.templates not in ("openai", "simple"):
         raise ValueError(f"{fn}: templates must be openai or simple, got {c.templates!r}")
     if c.batch_size is not None and c.batch_size % c.accumulation:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -154,16 +154,31 @@ class Evaluator:
         return torch.cat(zs), torch.cat(ys)
 
     @torch.no_grad()
-    def evaluate(self, dataset: Dataset[Any], *, threshold: float | None = None) -> dict[str, Any]:
-        """Every metric on one set, across ranks (a collective under torchrun)."""
+    def evaluate(
+        self,
+        dataset: Dataset[Any],
+        *,
+        threshold: float | None = None,
+        classes: Sequence[int] | None = None,
+    ) -> dict[str, Any]:
+        """Every metric on one set, across ranks (a collective under torchrun).
+
+        ``classes`` restricts the prediction to those class indices (the other logits are set to
+        ``-inf``), as the ImageNet-R/-A protocols score 200 of the 1000 classes; ``None`` keeps all.
+        """
         group = self.runtime.group if self.runtime.world > 1 else None
         evaluation = metrics.Evaluation(
             score=self.score, threshold=threshold, device="cpu", group=group
         )
+        mask = None
+        if classes is not None:
+            mask = torch.full((self.replica.head.shape[0],), -math.inf, device=self.runtime.device)
+            mask[torch.as_tensor(list(classes), dtype=torch.long, device=mask.device)] = 0.0
         for images, labels, indices in self._loader(dataset, shard=True):
             with autocast(self.runtime):
                 _, z = self.replica(images.to(self.runtime.device, non_blocking=True))
-            evaluation.update(z.float(), labels.to(z.device), indices=indices.to(z.device))
+            z = z.float() if mask is None else z.float() + mask
+            evaluation.update(z, labels.to(z.device), indices=indices.to(z.device))
         result = evaluation.compute()
         out: dict[str, Any] = {name: _number(getattr(result, name)) for name in METRICS}
         out["fpr95"] = out.pop("fpr_at_tpr")  # at Evaluation's default TPR of 0.95

@@ -170,15 +170,72 @@ def _log(runtime: Runtime) -> Callable[[str], None]:
     return print if runtime.main else (lambda _: None)
 
 
+def check_runtime(config: RunConfig, runtime: Runtime) -> None:
+    """Refuse, before anything is loaded, what cannot run on this runtime.
+
+    Raises:
+        ValueError: if the global batch does not split over the ranks and accumulation steps, or
+            the method cannot run under FSDP2.
+    """
+    fn = config.method
+    parts = runtime.world * config.accumulation
+    if config.batch_size is not None and config.batch_size % parts:
+        raise ValueError(
+            f"{fn}: batch_size must be a multiple of world size x accumulation = "
+            f"{runtime.world} x {config.accumulation} = {parts}, got {config.batch_size}"
+        )
+    if runtime.strategy == "fsdp" and config.method in DDP_ONLY:
+        raise ValueError(
+            f"{fn}: method {config.method!r} cannot run under FSDP2 ({DDP_ONLY[config.method]}); "
+            f"use --distributed ddp"
+        )
+
+
+DDP_ONLY = {
+    "l2sp": "its penalty reads the parameters outside the module's forward, where FSDP2 holds "
+    "only shards",
+    "flyp": "it trains CLIP's 0-d logit scale, which fully_shard cannot shard",
+}
+
+
 def finetune(
     config: RunConfig, *, resume: bool = False, runtime: Runtime | None = None
 ) -> dict[str, Any]:
     """Run one training job (supervised or unsupervised) and write its run folder.
 
+    Loads the model and the image folders of ``config``, evaluates the zero-shot model, trains
+    ``config.method`` through :func:`robustft.recipes.train` (resuming from the run folder's
+    checkpoint when ``resume``), then evaluates and saves every reported set of weights. The run
+    folder ``config.output`` receives ``config.json``, ``metrics.jsonl``, ``results.json``,
+    ``summary.md``, the ``*.safetensors`` classifiers and the checkpoint.
+
+    Args:
+        config: the resolved configuration (:func:`robustft.recipes.resolve`).
+        resume: continue the run in ``config.output`` from its checkpoint.
+        runtime: where to run; ``None`` sets it up from the environment (torchrun or one process).
+
     Returns:
-        The content of ``results.json``.
+        The content of ``results.json``: ``{"method", "steps", "train_seconds", "results":
+        {weights: {set: metrics}}}`` (and the linear probe's choice for LP-FT).
+
+    Raises:
+        ValueError: on data or settings that cannot run (no classes, a supervised training folder
+            with unknown classes, a batch that does not split over the ranks, ...).
+        FileNotFoundError: if a folder or file of ``config`` does not exist, or ``resume`` finds
+            no checkpoint.
+
+    Example:
+        >>> from robustft.recipes import resolve, finetune
+        >>> config = resolve({"method": "clipood", "model": "ViT-B-16", "pretrained": "openai",
+        ...                   "train": "data/train", "eval": ["v2=data/v2"],
+        ...                   "output": "runs/clipood"})
+        >>> results = finetune(config)  # doctest: +SKIP
     """
     supervised = config.method in SUPERVISED
+    runtime = runtime or init(
+        device=config.device, precision=config.precision, distributed=config.distributed
+    )
+    check_runtime(config, runtime)
     prep = prepare(config, supervised=supervised, runtime=runtime)
     rt, bundle, data = prep.runtime, prep.bundle, prep.data
     log = _log(rt)
@@ -269,8 +326,18 @@ def _evaluate(
         threshold = threshold_at_tpr(ev.score(logits[known]), config.tpr)
         out["val"] = ev.evaluate(prep.data.val, threshold=threshold)
     for name, ds in sets.items():
-        out[name] = ev.evaluate(ds, threshold=threshold)
+        out[name] = ev.evaluate(ds, threshold=threshold, classes=_present(config, ds))
     return out
+
+
+def _present(config: RunConfig, dataset: Dataset[Any]) -> list[int] | None:
+    """The class indices with a folder in an evaluation set, when ``eval_classes="present"``."""
+    if config.eval_classes != "present":
+        return None
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        return None
+    return sorted({int(t) for t in targets if t >= 0})
 
 
 def _linear_probe(prep: Prepared, config: RunConfig) -> tuple[Tensor, dict[str, Any]]:
@@ -303,7 +370,26 @@ def _eval_view(prep: Prepared, config: RunConfig) -> Dataset[Any]:
 def evaluate_run(
     config: RunConfig, weights: Sequence[str], *, runtime: Runtime | None = None
 ) -> dict[str, Any]:
-    """Evaluate saved classifiers (``.safetensors`` files, or ``zero-shot``) on the configured sets."""
+    """Evaluate saved classifiers on the configuration's validation split and evaluation sets.
+
+    Args:
+        config: the run's configuration (model, classes, data, score, open-set TPR).
+        weights: ``.safetensors`` classifier files (``{"visual.*", "head"}`` as the runs write
+            them), or ``"zero-shot"`` for the model as loaded with its zero-shot head.
+        runtime: where to run; ``None`` sets it up from the environment.
+
+    Returns:
+        ``{"results": {weights name: {set: metrics}}}`` (the file's stem names it).
+
+    Raises:
+        FileNotFoundError: if a weights file does not exist.
+        ValueError: if a file does not hold the model's visual tensors and a head.
+
+    Example:
+        >>> from robustft.recipes import resolve, evaluate_run
+        >>> config = resolve({"model": "ViT-B-16", "train": "data/train", "eval": ["r=data/r"]})
+        >>> evaluate_run(config, ["runs/ft/last.safetensors", "zero-shot"])  # doctest: +SKIP
+    """
     prep = prepare(config, supervised=config.method in SUPERVISED, runtime=runtime)
     results = {}
     for w in weights:
@@ -325,25 +411,32 @@ def posthoc(
     kind: str,
     alphas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
     tpgm_steps: int = 200,
+    weights: str = "last",
+    save_weights: bool = False,
     runtime: Runtime | None = None,
 ) -> dict[str, Any]:
     """Post-hoc robustness from saved runs: WiSE-FT sweep, TPGM, uniform or greedy soup.
 
     Args:
         config: the configuration of the data and model (that of the first run by default).
-        runs: run folders (their ``last.safetensors``) or ``.safetensors`` files.
+        runs: run folders (their ``<weights>.safetensors``) or ``.safetensors`` files.
         kind: ``"wise"``, ``"tpgm"``, ``"uniform-soup"`` or ``"greedy-soup"``.
         alphas: WiSE-FT's mixing coefficients.
         tpgm_steps: Adam steps on TPGM's radii.
+        weights: which classifier of each run folder: ``"last"``, ``"average"`` or ``"best"``.
+        save_weights: also write every WiSE-FT blend as ``wise-<alpha>.safetensors`` (the soups
+            and TPGM are always written).
     """
     fn = "posthoc"
     kinds = ("wise", "tpgm", "uniform-soup", "greedy-soup")
     if kind not in kinds:
         raise ValueError(f"{fn}: kind must be one of {', '.join(kinds)}, got {kind!r}")
-    files = [Path(r) / "last.safetensors" if Path(r).is_dir() else Path(r) for r in runs]
+    if weights not in ("last", "average", "best"):
+        raise ValueError(f"{fn}: weights must be last, average or best, got {weights!r}")
+    files = [Path(r) / f"{weights}.safetensors" if Path(r).is_dir() else Path(r) for r in runs]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise FileNotFoundError(f"{fn}: runs must hold last.safetensors, missing {missing}")
+        raise FileNotFoundError(f"{fn}: runs must hold {weights}.safetensors, missing {missing}")
     prep = prepare(config, supervised=True, runtime=runtime)
     rt = prep.runtime
     dev = rt.device
@@ -359,6 +452,8 @@ def posthoc(
         for a in alphas:
             tree = merging.wise(trees[0], anchor=theta0, alpha=float(a))
             results[f"wise-{a:g}"] = _evaluate(prep, config, tree, prep.data.evals)
+            if save_weights and rt.main:
+                ckpt.save_tree(out / f"wise-{a:g}.safetensors", tree)
     elif kind == "uniform-soup":
         tree = merging.uniform_soup(trees)
         results["uniform-soup"] = _evaluate(prep, config, tree, prep.data.evals)
