@@ -33,10 +33,12 @@ __all__ = [
     "caption_tokens",
     "load_splits",
     "normalize",
+    "resplit",
 ]
 
 CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 KNOWN = 8  # digits 0..7 are the known classes; 8 and 9 are unknown
+BASE = 4  # open-class experiment: digits 0..3 are the base classes, 4..7 the new ones
 SIZE = 16
 
 TEMPLATES = [
@@ -103,6 +105,22 @@ def load_splits(*, seed: int = 0) -> Splits:
     return Splits(
         x[:cut], y[:cut], kx[:a], ky[:a], kx[a:b], ky[a:b], kx[b:], ky[b:], ux[:half], ux[half:]
     )
+
+
+def resplit(data: Splits, seed: int) -> Splits:
+    """Re-draw the train / val partition of the labelled known-class pool for one seed.
+
+    The union of ``train`` and ``val`` is permuted with ``seed`` and cut at the same sizes, so
+    every seed of a run trains and selects on its own split; the test sets, the unknown
+    digits and the pre-training pool stay as they are (every seed is scored on the same test
+    images, so the differences between rows are paired).
+    """
+    x = torch.cat([data.train_x, data.val_x])
+    y = torch.cat([data.train_y, data.val_y])
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(10_007 + seed))
+    cut = len(data.train_y)
+    train, val = order[:cut], order[cut:]
+    return data._replace(train_x=x[train], train_y=y[train], val_x=x[val], val_y=y[val])
 
 
 def normalize(images: Tensor) -> Tensor:

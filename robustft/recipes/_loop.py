@@ -281,7 +281,10 @@ def train(
     optimizer = make_optimizer(net, config)
     base_lrs = [config.lr or 0.0 for _ in optimizer.param_groups]
     averager = make_averager(config, p.steps)
-    state = averager.init(trained_tree(net)) if averager is not None else None
+    # the same Parameter objects every step (FSDP2 re-registers its sharded ones after each
+    # backward): looked up once, not per step (~0.3 ms of module walking)
+    trained = trained_tree(net)
+    state = averager.init(trained) if averager is not None else None
     start, best_score = 0, -math.inf
     best: dict[str, Tensor] | None = None
     history: list[dict[str, float]] = []
@@ -334,11 +337,11 @@ def train(
             continue
         micro = 0
         if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(trained_tree(net).values(), config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(list(trained.values()), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if averager is not None and state is not None:
-            state = averager.update_(state, trained_tree(net))
+            state = averager.update_(state, trained)
         step += 1
         if bar is not None:
             bar.update(1)
