@@ -73,7 +73,7 @@ class Preset(NamedTuple):
     heldout_texts: int
 
 
-FULL = Preset(600, 100, 32, 3, (3.0, 10.0, 30.0), 5.0, 200, 2000)
+FULL = Preset(600, 100, 32, 3, (1.0, 3.0, 10.0, 30.0), 5.0, 200, 2000)
 QUICK = Preset(150, 16, 32, 2, (10.0, 30.0), 1.0, 10, 200)
 
 
