@@ -249,3 +249,19 @@ def test_l2sp_is_refused_under_fsdp2() -> None:
     runtime = Runtime(torch.device("cpu"), 0, 1, "fsdp", None)
     with pytest.raises(ValueError, match=r"train: method 'l2sp' cannot run under FSDP2.*ddp"):
         train(build(ctx), dataset, config, runtime)
+
+
+class _Evil:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, ("echo pwned",))
+
+
+def test_sharded_checkpoint_metadata_is_never_unpickled_unsafely(tmp_path: Path) -> None:
+    """DCP's metadata file is a pickle: ours admits only DCP's own metadata classes."""
+    import pickle
+
+    from robustft.recipes._checkpoint import _safe_reader
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to unpickle it"):
+        _safe_reader(tmp_path).read_metadata()
