@@ -52,7 +52,7 @@ OPEN_ROWS = [
     "CLIPood (MMS + BMA, β = 0.1)",
     "WiSE-FT (α = 0.5)",
 ]
-UNIVERSAL_ROWS = ["zero-shot (UEO's prompt)", "entropy min.", "IM", "UEO"]
+UNIVERSAL_ROWS = ["zero-shot (UEO's prompt)", "entropy min.", "IM", "UEO", "UEO (paper's lr)"]
 RATES = {"id", "shifted", "worst", "ece", "base", "new", "H", "known", "pacc", "auroc", "fpr95",
          "hos", *SHIFTS}  # fmt: skip
 
@@ -134,6 +134,7 @@ def test_learning_rates_come_from_the_grid_and_validation(quick: dict[str, Any])
             assert len(scores) == len(QUICK.lr_multipliers)
             assert exp["lrs"][row] == select({float(k): v for k, v in scores.items()})
     assert quick["json"]["open"]["lrs"]["FT"] == quick["json"]["shift"]["lrs"]["FT"]
+    assert quick["json"]["universal"]["lrs"]["UEO (paper's lr)"] == 1e-4  # the paper's own rate
 
 
 def test_wise_curves_end_at_zero_shot_and_the_row(quick: dict[str, Any]) -> None:
