@@ -391,3 +391,28 @@ def test_trajectory_averages_are_saved_and_differ_from_the_last_iterate(
     assert last.keys() == averaged.keys()
     assert max(float((last[k] - averaged[k]).abs().max()) for k in last) > 1e-4
     assert set(read_json(out / "results.json")["results"]) == {"zero-shot", "last", "average"}
+
+
+def test_a_log_line_is_the_mean_loss_of_its_steps(tmp_path: Path) -> None:
+    """Lines every 4 steps (and the last, after 2) average exactly the steps since the line
+    before, also right after a resume from a checkpoint that is not on a line."""
+    per_step = [h["loss"] for h in train(_toy(), _toy_data(), _toy_config(steps=10), CPU).history]
+    lines = train(_toy(), _toy_data(), _toy_config(steps=10, log_every=4), CPU).history
+    assert [h["step"] for h in lines] == [4, 8, 10]
+    assert [h["loss"] for h in lines] == pytest.approx(
+        [sum(per_step[0:4]) / 4, sum(per_step[4:8]) / 4, sum(per_step[8:10]) / 2], rel=1e-6
+    )
+    # stopped after the step-6 checkpoint, resumed: the step-8 line averages steps 7 and 8
+    config = _toy_config(steps=10, log_every=4, save_every=6, eval_every=7)
+
+    def stop(tree: Any) -> float:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_toy(), _toy_data(), config, CPU, run_dir=tmp_path, validate=stop)
+    resumed = train(
+        _toy(), _toy_data(), config, CPU, run_dir=tmp_path, resume=True, validate=lambda t: 0.0
+    )
+    losses = {h["step"]: h["loss"] for h in resumed.history if "loss" in h}
+    assert losses[8] == pytest.approx(sum(per_step[6:8]) / 2, rel=1e-6)
+    assert losses[10] == pytest.approx(sum(per_step[8:10]) / 2, rel=1e-6)

@@ -312,7 +312,8 @@ def train(
 
         bar = tqdm(total=p.steps, initial=start, desc=config.method, dynamic_ncols=True)
     net.train()
-    running = torch.zeros((), device=runtime.device)
+    running = torch.zeros((), device=runtime.device)  # summed step losses since the last line
+    logged = start  # the step of the last line (or of the checkpoint resumed from)
     tic = time.perf_counter()
     micro = 0
     step = start
@@ -346,7 +347,8 @@ def train(
         if bar is not None:
             bar.update(1)
         if step % config.log_every == 0 or step == p.steps:
-            value = running / config.log_every if step % config.log_every == 0 else running
+            value = running / (step - logged)  # the mean over the steps since the last line
+            logged = step
             if runtime.world > 1:
                 torch.distributed.all_reduce(value, group=runtime.group)
                 value = value / runtime.world
