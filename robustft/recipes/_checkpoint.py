@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from robustft.recipes._methods import trained_tree
 from robustft.recipes._runtime import Runtime
 
 __all__ = ["Loaded", "load", "load_tree", "save", "save_tree", "trim_metrics"]
@@ -56,15 +57,6 @@ def load_tree(path: Path, device: torch.device | str = "cpu") -> dict[str, Tenso
     from safetensors.torch import load_file
 
     return load_file(str(path), device=str(device))
-
-
-def _trained(module: nn.Module) -> dict[str, nn.Parameter]:
-    inner = (
-        module.module
-        if hasattr(module, "module") and isinstance(module.module, nn.Module)
-        else module
-    )
-    return {n: p for n, p in inner.named_parameters() if p.requires_grad}
 
 
 def _counters(state: Any) -> dict[str, Tensor]:
@@ -101,7 +93,7 @@ def save(
     if runtime.main:
         payload = {
             "loop": loop,
-            "module": {n: p.detach().cpu() for n, p in _trained(module).items()},
+            "module": {n: p.detach().cpu() for n, p in trained_tree(module).items()},
             "optimizer": optimizer.state_dict(),
             "average": None
             if state is None
@@ -131,7 +123,7 @@ def load(
     if not path.exists():
         raise FileNotFoundError(f"{fn}: run folder {str(run_dir)!r} has no {PT} to resume from")
     payload = torch.load(path, map_location=runtime.device, weights_only=True)
-    params = _trained(module)
+    params = trained_tree(module)
     saved = payload["module"]
     if set(saved) != set(params):
         missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))

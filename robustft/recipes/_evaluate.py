@@ -10,7 +10,6 @@ equal a single process's.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from robustft import metrics, scores
-from robustft.recipes._nets import ImageClassifier
+from robustft.recipes._nets import FrozenClassifier
 from robustft.recipes._runtime import Runtime, autocast
 
 __all__ = ["Evaluator", "format_summary", "score_function", "threshold_at_tpr"]
@@ -95,12 +94,7 @@ class Evaluator:
         workers: int = 0,
         score: str = "msp",
     ):
-        self.replica = (
-            ImageClassifier(copy.deepcopy(visual), torch.zeros(1, 1), scale, train_head=False)
-            .requires_grad_(False)
-            .eval()
-        )
-        self.replica.to(runtime.device)
+        self.replica = FrozenClassifier(visual, torch.zeros(1, 1), scale).to(runtime.device)
         self.scale = scale
         self.runtime = runtime
         self.batch_size = batch_size
@@ -142,16 +136,50 @@ class Evaluator:
             pin_memory=self.runtime.device.type == "cuda",
         )
 
-    @torch.no_grad()
-    def logits_and_labels(self, dataset: Dataset[Any]) -> tuple[Tensor, Tensor]:
-        """``[n, classes]`` float32 logits and ``[n]`` labels of the whole set (this process)."""
-        zs, ys = [], []
+    def _pass(self, dataset: Dataset[Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """Features, logits (float32, CPU) and labels of the whole set, on this process."""
+        fs, zs, ys = [], [], []
         for images, labels, _ in self._loader(dataset, shard=False):
             with autocast(self.runtime):
-                _, z = self.replica(images.to(self.runtime.device, non_blocking=True))
+                f, z = self.replica(images.to(self.runtime.device, non_blocking=True))
+            fs.append(f.float().cpu())
             zs.append(z.float().cpu())
             ys.append(labels)
-        return torch.cat(zs), torch.cat(ys)
+        return torch.cat(fs), torch.cat(zs), torch.cat(ys)
+
+    def logits_and_labels(self, dataset: Dataset[Any]) -> tuple[Tensor, Tensor]:
+        """``[n, classes]`` float32 logits and ``[n]`` labels of the whole set (this process)."""
+        _, logits, labels = self._pass(dataset)
+        return logits, labels
+
+    def features_and_labels(self, dataset: Dataset[Any]) -> tuple[Tensor, Tensor]:
+        """``[n, dim]`` normalised float32 image features and ``[n]`` labels (this process)."""
+        features, _, labels = self._pass(dataset)
+        return features, labels
+
+    def _mask(self, classes: Sequence[int] | None) -> Tensor | None:
+        """``0`` on ``classes`` and ``-inf`` elsewhere (``None``: every class counts)."""
+        if classes is None:
+            return None
+        mask = torch.full((self.replica.head.shape[0],), -math.inf, device=self.runtime.device)
+        mask[torch.as_tensor(list(classes), dtype=torch.long, device=mask.device)] = 0.0
+        return mask
+
+    def _compute(self, evaluation: metrics.Evaluation, threshold: float | None) -> dict[str, Any]:
+        result = evaluation.compute()
+        out: dict[str, Any] = {name: _number(getattr(result, name)) for name in METRICS}
+        out["fpr95"] = out.pop("fpr_at_tpr")  # at Evaluation's default TPR of 0.95
+        out["num_known"], out["num_unknown"] = result.num_known, result.num_unknown
+        out["threshold"] = threshold
+        return out
+
+    def evaluate_logits(
+        self, logits: Tensor, labels: Tensor, *, threshold: float | None = None
+    ) -> dict[str, Any]:
+        """Every metric of logits this process already holds for a whole set (no communication)."""
+        evaluation = metrics.Evaluation(score=self.score, threshold=threshold, device="cpu")
+        evaluation.update(logits, labels)
+        return self._compute(evaluation, threshold)
 
     @torch.no_grad()
     def evaluate(
@@ -170,21 +198,13 @@ class Evaluator:
         evaluation = metrics.Evaluation(
             score=self.score, threshold=threshold, device="cpu", group=group
         )
-        mask = None
-        if classes is not None:
-            mask = torch.full((self.replica.head.shape[0],), -math.inf, device=self.runtime.device)
-            mask[torch.as_tensor(list(classes), dtype=torch.long, device=mask.device)] = 0.0
+        mask = self._mask(classes)
         for images, labels, indices in self._loader(dataset, shard=True):
             with autocast(self.runtime):
                 _, z = self.replica(images.to(self.runtime.device, non_blocking=True))
             z = z.float() if mask is None else z.float() + mask
             evaluation.update(z, labels.to(z.device), indices=indices.to(z.device))
-        result = evaluation.compute()
-        out: dict[str, Any] = {name: _number(getattr(result, name)) for name in METRICS}
-        out["fpr95"] = out.pop("fpr_at_tpr")  # at Evaluation's default TPR of 0.95
-        out["num_known"], out["num_unknown"] = result.num_known, result.num_unknown
-        out["threshold"] = threshold
-        return out
+        return self._compute(evaluation, threshold)
 
     def run(
         self,

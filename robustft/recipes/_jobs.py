@@ -24,13 +24,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from robustft import clip, distributed, merging, projections
+from robustft import clip, distributed, losses, merging, projections
 from robustft.recipes import _checkpoint as ckpt
 from robustft.recipes._config import SUPERVISED, UNSUPERVISED, RunConfig
 from robustft.recipes._data import FolderDataset, class_names, holdout
 from robustft.recipes._evaluate import Evaluator, format_summary, threshold_at_tpr
-from robustft.recipes._loop import TrainResult, train
-from robustft.recipes._methods import Context, build, fit_linear_head
+from robustft.recipes._loop import TrainResult, check_split, train
+from robustft.recipes._methods import DDP_ONLY, Context, build, fit_linear_head
 from robustft.recipes._model import ClipBundle, load_model
 from robustft.recipes._nets import visual_tower
 from robustft.recipes._runtime import Runtime, init, shutdown
@@ -98,13 +98,16 @@ class Prepared(NamedTuple):
     evaluator: Evaluator
 
 
+def runtime_of(config: RunConfig) -> Runtime:
+    """The runtime ``config`` asks for (torchrun's process group, device, precision)."""
+    return init(device=config.device, precision=config.precision, distributed=config.distributed)
+
+
 def prepare(
     config: RunConfig, *, supervised: bool = True, runtime: Runtime | None = None
 ) -> Prepared:
     """Runtime, model, data, zero-shot head and evaluator of a configuration."""
-    runtime = runtime or init(
-        device=config.device, precision=config.precision, distributed=config.distributed
-    )
+    runtime = runtime or runtime_of(config)
     with torch.random.fork_rng(devices=[]):  # a random init (no --pretrained) is seeded: every
         torch.manual_seed(config.seed)  # rank, and a resumed run, builds the same model
         bundle = load_model(config.model, pretrained=config.pretrained, device=runtime.device)
@@ -135,28 +138,30 @@ def _zero_shot_tree(bundle: ClipBundle, head: Tensor) -> dict[str, Tensor]:
     }
 
 
-def _confidence(prep: Prepared, config: RunConfig) -> Tensor:
-    """UEO's per-sample confidence: MSP of the zero-shot cosines (scale 1) with the prompt's texts.
+def _prompt_head(prep: Prepared, config: RunConfig) -> Tensor:
+    """``[classes, dim]`` the class texts of UEO's initial prompt (its zero-shot head)."""
+    bundle = prep.bundle
+    with torch.no_grad():
+        context = clip.init_context(bundle.model, bundle.tokenizer, config.prompt)
+        return clip.encode_text_with_context(
+            bundle.model, context, prep.data.names, bundle.tokenizer
+        )
+
+
+def _confidence(prep: Prepared, config: RunConfig, text: Tensor) -> Tensor:
+    """UEO's per-sample confidence: MSP of the zero-shot cosines (scale 1) with the prompt's
+    class texts ``text``.
 
     Computed once over the training pool with the eval transform, each rank its share and then
     gathered, so every rank holds the same ``[n]`` tensor.
     """
-    bundle, rt = prep.bundle, prep.runtime
-    with torch.no_grad():
-        context = clip.init_context(bundle.model, bundle.tokenizer, config.prompt)
-        text = clip.encode_text_with_context(
-            bundle.model, context, prep.data.names, bundle.tokenizer
-        )
-    train_ds = prep.data.train
-    plain = FolderDataset(config.train, prep.data.folders, bundle.eval_transform)
-    n = len(train_ds)  # type: ignore[arg-type]
+    rt = prep.runtime
+    plain = _eval_view(prep, config)
+    n = len(plain)  # type: ignore[arg-type]
     mine = list(range(rt.rank, n, rt.world))
-    prep.evaluator.load({**_zero_shot_tree(bundle, text)})
+    prep.evaluator.load(_zero_shot_tree(prep.bundle, text))
     logits, _ = prep.evaluator.logits_and_labels(Subset(plain, mine))
-    local = torch.as_tensor(logits / prep.scale)
-    from robustft import losses
-
-    conf = losses.ueo_confidence(local.to(rt.device)).float()
+    conf = losses.ueo_confidence((logits / prep.scale).to(rt.device)).float()
     index = torch.tensor(mine, dtype=torch.long, device=rt.device)
     if rt.world > 1:
         conf = distributed.all_gather_cat(conf, rt.group)
@@ -178,24 +183,13 @@ def check_runtime(config: RunConfig, runtime: Runtime) -> None:
             the method cannot run under FSDP2.
     """
     fn = config.method
-    parts = runtime.world * config.accumulation
-    if config.batch_size is not None and config.batch_size % parts:
-        raise ValueError(
-            f"{fn}: batch_size must be a multiple of world size x accumulation = "
-            f"{runtime.world} x {config.accumulation} = {parts}, got {config.batch_size}"
-        )
+    if config.batch_size is not None:
+        check_split(fn, config.batch_size, runtime.world, config.accumulation)
     if runtime.strategy == "fsdp" and config.method in DDP_ONLY:
         raise ValueError(
             f"{fn}: method {config.method!r} cannot run under FSDP2 ({DDP_ONLY[config.method]}); "
             f"use --distributed ddp"
         )
-
-
-DDP_ONLY = {
-    "l2sp": "its penalty reads the parameters outside the module's forward, where FSDP2 holds "
-    "only shards",
-    "flyp": "it trains CLIP's 0-d logit scale, which fully_shard cannot shard",
-}
 
 
 def finetune(
@@ -232,9 +226,7 @@ def finetune(
         >>> results = finetune(config)  # doctest: +SKIP
     """
     supervised = config.method in SUPERVISED
-    runtime = runtime or init(
-        device=config.device, precision=config.precision, distributed=config.distributed
-    )
+    runtime = runtime or runtime_of(config)
     check_runtime(config, runtime)
     prep = prepare(config, supervised=supervised, runtime=runtime)
     rt, bundle, data = prep.runtime, prep.bundle, prep.data
@@ -252,16 +244,12 @@ def finetune(
     head, extra = prep.head, dict[str, Any]()
     if config.method == "lp-ft":
         head, extra = _linear_probe(prep, config)
-    confidence = _confidence(prep, config) if config.method in UNSUPERVISED else None
+    confidence, zero_head = None, prep.head
+    if config.method in UNSUPERVISED:  # UEO starts from its prompt's class texts
+        zero_head = _prompt_head(prep, config)
+        confidence = _confidence(prep, config, zero_head)
     # zero-shot results first (the weights are those of the model as loaded)
-    sets = dict(data.evals)
-    zero_head = prep.head
-    if config.method in UNSUPERVISED:
-        with torch.no_grad():
-            ctx0 = clip.init_context(bundle.model, bundle.tokenizer, config.prompt)
-            zero_head = clip.encode_text_with_context(
-                bundle.model, ctx0, data.names, bundle.tokenizer
-            )
+    sets = data.evals
     results: dict[str, dict[str, Any]] = {}
     results["zero-shot"] = _evaluate(prep, config, _zero_shot_tree(bundle, zero_head), sets)
     ctx = Context(
@@ -320,11 +308,10 @@ def _evaluate(
     ev.load(tree)
     threshold = None
     out: dict[str, Any] = {}
-    if prep.data.val is not None:
+    if prep.data.val is not None:  # one pass: the threshold and the split's own metrics
         logits, labels = ev.logits_and_labels(prep.data.val)
-        known = labels >= 0
-        threshold = threshold_at_tpr(ev.score(logits[known]), config.tpr)
-        out["val"] = ev.evaluate(prep.data.val, threshold=threshold)
+        threshold = threshold_at_tpr(ev.score(logits[labels >= 0]), config.tpr)
+        out["val"] = ev.evaluate_logits(logits, labels, threshold=threshold)
     for name, ds in sets.items():
         out[name] = ev.evaluate(ds, threshold=threshold, classes=_present(config, ds))
     return out
@@ -345,14 +332,9 @@ def _linear_probe(prep: Prepared, config: RunConfig) -> tuple[Tensor, dict[str, 
     if prep.data.val is None:
         raise ValueError("lp-ft: needs a validation split to choose the probe's regularisation")
     ev = prep.evaluator
-    ev.load(_zero_shot_tree(prep.bundle, prep.head))
-    train_plain = _eval_view(prep, config)
-    ev.replica.scale = 1.0  # read the raw cosines f·h for features; the head is the identity
-    ident = torch.eye(prep.head.shape[1])
-    ev.load({**_zero_shot_tree(prep.bundle, ident)})
-    x, y = ev.logits_and_labels(train_plain)
-    xv, yv = ev.logits_and_labels(prep.data.val)
-    ev.replica.scale = prep.scale
+    ev.load(_zero_shot_tree(prep.bundle, prep.head))  # the pre-trained tower's features
+    x, y = ev.features_and_labels(_eval_view(prep, config))
+    xv, yv = ev.features_and_labels(prep.data.val)
     strengths = [float(c) for c in str(config.lp_c).split(",") if c.strip()]
     head, c, scores = fit_linear_head(
         x, y, xv, yv, strengths=strengths, scale=prep.scale, classes=len(prep.data.names)
@@ -521,7 +503,7 @@ def _tpgm(
 
 def main_finetune(config: RunConfig, *, resume: bool) -> dict[str, Any]:
     """Entry point of ``robustft finetune``/``ueo``: set up, run, shut the process group down."""
-    runtime = init(device=config.device, precision=config.precision, distributed=config.distributed)
+    runtime = runtime_of(config)
     try:
         return finetune(config, resume=resume, runtime=runtime)
     finally:

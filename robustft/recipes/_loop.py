@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from robustft import averaging
 from robustft.recipes import _checkpoint as ckpt
 from robustft.recipes._config import RunConfig
-from robustft.recipes._methods import Method, unwrap
+from robustft.recipes._methods import Method, trained_tree
 from robustft.recipes._runtime import Runtime, autocast, no_sync, wrap
 
 __all__ = ["Plan", "TrainResult", "lr_factor", "plan", "train"]
@@ -49,11 +49,7 @@ def plan(config: RunConfig, dataset_size: int, world: int) -> Plan:
     """
     fn = "plan"
     batch = config.batch_size or 1
-    parts = world * config.accumulation
-    if batch % parts:
-        raise ValueError(
-            f"{fn}: batch_size must be a multiple of world size x accumulation = {parts}, got {batch}"
-        )
+    parts = check_split(fn, batch, world, config.accumulation)
     if batch > dataset_size:
         raise ValueError(
             f"{fn}: batch_size must be at most the training set's {dataset_size} samples, got {batch}"
@@ -65,6 +61,17 @@ def plan(config: RunConfig, dataset_size: int, world: int) -> Plan:
         else max(1, round((config.epochs or 1) * per_epoch))
     )
     return Plan(steps, batch, batch // parts, config.accumulation, per_epoch)
+
+
+def check_split(fn: str, batch_size: int, world: int, accumulation: int) -> int:
+    """The number of parts the global batch splits into (ranks x micro-steps); raises if uneven."""
+    parts = world * accumulation
+    if batch_size % parts:
+        raise ValueError(
+            f"{fn}: batch_size must be a multiple of world size x accumulation = {parts}, "
+            f"got {batch_size}"
+        )
+    return parts
 
 
 def lr_factor(step: int, total: int, warmup: float, schedule: str) -> float:
@@ -105,14 +112,8 @@ class StepSampler(Sampler[list[tuple[int, int, int]]]):
     """
 
     def __init__(self, n: int, p: Plan, *, seed: int, rank: int, world: int, start: int):
-        self.n, self.p, self.seed, self.rank, self.world, self.start = (
-            n,
-            p,
-            seed,
-            rank,
-            world,
-            start,
-        )
+        self.n, self.p, self.seed, self.start = n, p, seed, start
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         return (self.p.steps - self.start) * self.p.accumulation
@@ -217,11 +218,6 @@ def make_optimizer(module: nn.Module, config: RunConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def trained_tree(module: nn.Module) -> dict[str, Tensor]:
-    """The trainable parameters of the (unwrapped) module, by name."""
-    return {n: p for n, p in unwrap(module).named_parameters() if p.requires_grad}
-
-
 class _Swap:
     """Temporarily copy a tree (e.g. the average) into the module's trainable parameters."""
 
@@ -268,10 +264,9 @@ def train(
     Returns:
         A :class:`TrainResult`.
     """
-    if runtime.strategy == "fsdp" and not method.shardable:
+    if runtime.strategy == "fsdp" and method.ddp_only is not None:
         raise ValueError(
-            f"train: method {config.method!r} cannot run under FSDP2 (its loss reads the trained "
-            f"parameters outside the module's forward, where FSDP2 holds only shards); use "
+            f"train: method {config.method!r} cannot run under FSDP2 ({method.ddp_only}); use "
             f"--distributed ddp"
         )
     n = len(dataset)  # type: ignore[arg-type]
@@ -311,6 +306,14 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=p.steps, initial=start, desc=config.method, dynamic_ncols=True)
+
+    def record(line: dict[str, float]) -> None:
+        """A line of the history, appended to ``metrics.jsonl`` on rank 0."""
+        history.append(line)
+        if runtime.main and run_dir is not None:
+            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+
     net.train()
     running = torch.zeros((), device=runtime.device)  # summed step losses since the last line
     logged = start  # the step of the last line (or of the checkpoint resumed from)
@@ -328,9 +331,9 @@ def train(
             indices.to(runtime.device, non_blocking=True),
         )
         last_micro = micro == p.accumulation - 1
-        with no_sync(net, skip=not last_micro), autocast(runtime):
-            loss = method.loss(net, batch, step)
-        with no_sync(net, skip=not last_micro):
+        with no_sync(net, skip=not last_micro):  # one context over forward and backward
+            with autocast(runtime):
+                loss = method.loss(net, batch, step)
             (loss / p.accumulation).backward()
         running += loss.detach() / p.accumulation
         micro += 1
@@ -359,10 +362,7 @@ def train(
                 "seconds": time.perf_counter() - tic,
             }
             running.zero_()
-            history.append(line)
-            if runtime.main and run_dir is not None:
-                with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(line) + "\n")
+            record(line)
             if bar is not None:
                 bar.set_postfix(loss=f"{line['loss']:.4f}")
         if (
@@ -372,11 +372,7 @@ def train(
         ):
             tree = _export(method, state)
             score = validate(tree)
-            line = {"step": step, "val_accuracy": score}
-            history.append(line)
-            if runtime.main and run_dir is not None:
-                with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(line) + "\n")
+            record({"step": step, "val_accuracy": score})
             if config.select == "best" and score > best_score:
                 best_score, best = score, {k: v.detach().cpu().clone() for k, v in tree.items()}
                 if runtime.main and run_dir is not None:

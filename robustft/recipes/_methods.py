@@ -19,19 +19,34 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from robustft import clip, losses
+from robustft.clip._common import check_templates, unwrap
 from robustft.recipes._config import RunConfig
 from robustft.recipes._nets import (
     ContrastiveCLIP,
+    FrozenClassifier,
     ImageClassifier,
     PromptClassifier,
-    Teacher,
     visual_tower,
 )
 
-__all__ = ["Context", "Method", "build", "fit_linear_head", "unwrap"]
+__all__ = [
+    "DDP_ONLY",
+    "Context",
+    "Method",
+    "build",
+    "fit_linear_head",
+    "trained_tree",
+    "unwrap",
+]
+
+DDP_ONLY = {
+    "l2sp": "its penalty reads the parameters outside the module's forward, where FSDP2 holds "
+    "only shards",
+    "flyp": "it trains CLIP's 0-d logit scale, which fully_shard cannot shard",
+}
+"""The methods that run under DDP but not FSDP2, and why (:attr:`Method.ddp_only`)."""
 
 Batch = tuple[Tensor, Tensor, Tensor]
 Loss = Callable[[nn.Module, Batch, int], Tensor]
@@ -73,20 +88,19 @@ class Method(NamedTuple):
         export: ``(wrapped module) -> {"visual.*": ..., "head": ...}``, the classifier the
             trained parameters define (full tensors), for evaluation and saving.
         teacher: the frozen zero-shot model, if the loss uses it (the runtime places it).
-        shardable: whether the loss is correct under FSDP2 (every trained tensor read inside the
-            module's forward); L2-SP reads the parameters directly and is DDP-only.
+        ddp_only: why the method cannot run under FSDP2 (:data:`DDP_ONLY`), or ``None``.
     """
 
     module: nn.Module
     loss: Loss
     export: Callable[[nn.Module], dict[str, Tensor]]
     teacher: nn.Module | None = None
-    shardable: bool = True
+    ddp_only: str | None = None
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module a ``DistributedDataParallel`` wraps (FSDP2 modules are their own module)."""
-    return module.module if isinstance(module, DistributedDataParallel) else module
+def trained_tree(module: nn.Module) -> dict[str, Tensor]:
+    """The trainable parameters of the (DDP-unwrapped) module, by name."""
+    return {n: p for n, p in unwrap(module).named_parameters() if p.requires_grad}
 
 
 def full(t: Tensor) -> Tensor:
@@ -107,16 +121,11 @@ def _export_classifier(net: nn.Module) -> dict[str, Tensor]:
     return {**_visual_tree(visual_tower(inner)), "head": full(inner.get_parameter("head"))}
 
 
-def _teacher_features(teacher: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
-    features, logits = teacher(images)
-    return features, logits
-
-
 def _supervised(
     ctx: Context,
     penalty: Callable[[nn.Module, Tensor, Tensor, Batch, int], Tensor] | None,
     *,
-    teacher: bool = False,
+    teacher: nn.Module | None = None,
 ) -> Method:
     """CE on the classifier's logits plus ``weight * penalty(net, f, z, batch, step)``."""
     module = ImageClassifier(visual_tower(ctx.model), ctx.head, ctx.scale)
@@ -130,8 +139,7 @@ def _supervised(
             return ce
         return ce + weight * penalty(net, f, z, batch, step)
 
-    frozen = Teacher(visual_tower(ctx.model), ctx.head, ctx.scale) if teacher else None
-    return Method(module, loss, _export_classifier, frozen)
+    return Method(module, loss, _export_classifier, teacher)
 
 
 def _ft(ctx: Context) -> Method:
@@ -139,37 +147,29 @@ def _ft(ctx: Context) -> Method:
 
 
 def _l2sp(ctx: Context) -> Method:
-    method = _supervised(ctx, None)
-    pretrained = {n: p.detach().clone() for n, p in visual_tower(method.module).named_parameters()}
-    weight = ctx.config.reg_weight or 0.0
+    visual = visual_tower(ctx.model)
+    pretrained = {n: p.detach().clone() for n, p in visual.named_parameters()}
     cache: dict[str, dict[str, Tensor]] = {}
 
-    def loss(net: nn.Module, batch: Batch, step: int) -> Tensor:
-        images, labels, _ = batch
-        _, z = net(images)
+    def penalty(net: nn.Module, f: Tensor, z: Tensor, batch: Batch, step: int) -> Tensor:
         params = dict(visual_tower(unwrap(net)).named_parameters())
         if "anchor" not in cache:  # moved once, after the runtime placed the module
             cache["anchor"] = {n: pretrained[n].to(p.device) for n, p in params.items()}
-        penalty = losses.l2sp(params, anchor=cache["anchor"])
-        return F.cross_entropy(z.float(), labels) + weight * penalty
+        return losses.l2sp(params, anchor=cache["anchor"])
 
-    # the penalty reads the parameters outside the module's forward: under FSDP2 they are shards
-    return method._replace(loss=loss, shardable=False)
+    return _supervised(ctx, penalty)
 
 
 def _with_teacher(
     ctx: Context, term: Callable[[Tensor, Tensor, Tensor, Tensor, Batch, int], Tensor]
 ) -> Method:
-    holder: dict[str, nn.Module] = {}
+    teacher = FrozenClassifier(visual_tower(ctx.model), ctx.head, ctx.scale)
 
     def penalty(net: nn.Module, f: Tensor, z: Tensor, batch: Batch, step: int) -> Tensor:
-        f0, z0 = holder["teacher"](batch[0])
+        f0, z0 = teacher(batch[0])  # the runtime moves (and under FSDP2 shards) it in place
         return term(f.float(), z.float(), f0.float(), z0.float(), batch, step)
 
-    method = _supervised(ctx, penalty, teacher=True)
-    assert method.teacher is not None
-    holder["teacher"] = method.teacher
-    return method
+    return _supervised(ctx, penalty, teacher=teacher)
 
 
 def _kd(ctx: Context) -> Method:
@@ -253,7 +253,7 @@ def _clipood(ctx: Context) -> Method:
 
 def _flyp(ctx: Context) -> Method:
     module = ContrastiveCLIP(ctx.model)
-    templates = [t if callable(t) else t.format for t in ctx.templates]
+    templates = check_templates("flyp", ctx.templates)
     captions = torch.stack([ctx.tokenizer([t(c) for c in ctx.classnames]) for t in templates])
     seed, group = ctx.config.seed, ctx.group
 
@@ -327,7 +327,8 @@ def build(ctx: Context) -> Method:
     name = ctx.config.method
     if name not in BUILDERS:
         raise ValueError(f"build: method must be one of {', '.join(BUILDERS)}, got {name!r}")
-    return BUILDERS[name](ctx._replace(model=copy.deepcopy(ctx.model)))
+    method = BUILDERS[name](ctx._replace(model=copy.deepcopy(ctx.model)))
+    return method._replace(ddp_only=DDP_ONLY.get(name))
 
 
 def _fit_probe(x: Tensor, y: Tensor, classes: int, c: float, max_iter: int) -> Tensor:

@@ -21,9 +21,9 @@ from robustft import clip
 
 __all__ = [
     "ContrastiveCLIP",
+    "FrozenClassifier",
     "ImageClassifier",
     "PromptClassifier",
-    "Teacher",
     "shard_units",
     "visual_tower",
 ]
@@ -70,27 +70,24 @@ class ImageClassifier(nn.Module):
         return features, self.scale * features @ self.head.to(features.dtype).T
 
 
-class Teacher(nn.Module):
-    """The frozen zero-shot model θ0 (a copy of the pre-trained visual tower + the zero-shot head).
+class FrozenClassifier(ImageClassifier):
+    """A frozen :class:`ImageClassifier` on a copy of a visual tower: the zero-shot teacher θ0 of
+    KD/CAR-FT/FeatKD/Lipsum-FT, and the evaluation replica the exported classifiers are loaded
+    into.
 
     ``forward(images)`` returns ``(features, logits)`` without gradient, the tower in eval mode.
     """
 
-    head: Tensor
-
     def __init__(self, visual: nn.Module, head: Tensor, scale: float):
-        super().__init__()
-        self.visual = copy.deepcopy(visual).requires_grad_(False).eval()
-        self.register_buffer("head", head.detach().clone(), persistent=False)
-        self.scale = float(scale)
+        super().__init__(copy.deepcopy(visual), head, scale, train_head=False)
+        self.requires_grad_(False).eval()
 
-    def train(self, mode: bool = True) -> Teacher:  # θ0 is always in eval mode
+    def train(self, mode: bool = True) -> FrozenClassifier:  # always in eval mode
         return super().train(False)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        features = F.normalize(self.visual(images), dim=-1)
-        return features, self.scale * features @ self.head.to(features.dtype).T
+        return super().forward(images)
 
 
 class PromptClassifier(nn.Module):
@@ -169,9 +166,6 @@ def shard_units(module: nn.Module) -> list[nn.Module]:
         blocks = getattr(getattr(sub, "transformer", None), "resblocks", None)
         if isinstance(blocks, nn.ModuleList):
             units.extend(blocks)
-        for stage in ("layer1", "layer2", "layer3", "layer4"):
-            part = getattr(sub, stage, None)
-            if isinstance(part, nn.Sequential) and type(sub).__name__ == "ModifiedResNet":
-                units.append(part)
-    seen: set[int] = set()
-    return [u for u in units if not (id(u) in seen or seen.add(id(u)))]  # type: ignore[func-returns-value]
+        if type(sub).__name__ == "ModifiedResNet":
+            units.extend(sub.get_submodule(f"layer{i}") for i in (1, 2, 3, 4))
+    return list(dict.fromkeys(units))  # a module reached twice is sharded once
