@@ -44,8 +44,10 @@ def _add_config_flags(p: argparse.ArgumentParser, methods: Sequence[str]) -> Non
             p.add_argument(
                 flag, choices=methods, default=None, help=f"the method ({', '.join(methods)})"
             )
-        elif f.name == "eval":
+        elif f.metadata.get("repeat"):
             p.add_argument(flag, action="append", default=None, metavar="NAME=DIR", help=help_text)
+        elif kind.startswith("list[float]"):
+            p.add_argument(flag, type=float, nargs=3, default=None, metavar="X", help=help_text)
         elif kind == "bool":
             p.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
@@ -147,7 +149,20 @@ def parser() -> argparse.ArgumentParser:
 
 # what --resume may change: where and how the run is watched, never what it computes
 RESUMABLE = frozenset(
-    {"output", "workers", "progress", "log_every", "save_every", "device", "eval", "eval_classes"}
+    {
+        "output",
+        "workers",
+        "progress",
+        "log_every",
+        "save_every",
+        "device",
+        "eval",
+        "shift",
+        "ood",
+        "ood_reference",
+        "eval_classes",
+        "collective_timeout",
+    }
 )
 
 

@@ -69,6 +69,28 @@ class RunConfig:
             "repeat": True,
         },
     )
+    shift: dict[str, str] = dataclasses.field(
+        default_factory=dict,
+        metadata={
+            "help": "evaluation set NAME=DIR that is a distribution shift of the training data "
+            "(repeatable): evaluated like --eval, and summarised as the mean and worst accuracy "
+            "over the shifts",
+            "repeat": True,
+        },
+    )
+    ood: dict[str, str] = dataclasses.field(
+        default_factory=dict,
+        metadata={
+            "help": "pure out-of-distribution set NAME=DIR (repeatable): every image is unknown, "
+            "whatever its folders; scored by AUROC/FPR@95 against --ood-reference's known images",
+            "repeat": True,
+        },
+    )
+    ood_reference: str | None = _f(
+        None,
+        "the in-distribution set the --ood sets are scored against: val or a --eval/--shift "
+        "name (default: the validation split, else the first evaluation set)",
+    )
     classnames: str | None = _f(
         None, "class names file: one class per line, 'folder' or 'folder<TAB>name'; or JSON"
     )
@@ -78,7 +100,27 @@ class RunConfig:
         "the set, as ImageNet-R/-A score 200 of the 1000 classes)",
         choices=("all", "present"),
     )
-    templates: str = _f("openai", "zero-shot head prompts: openai (80 templates) or simple (1)")
+    templates: str = _f(
+        "openai",
+        "zero-shot head prompts: openai (CLIP's 80 templates), simple (1), or a text file of "
+        "templates, one per line, each with one {} for the class name",
+    )
+    skip_bad_images: bool = _f(
+        False,
+        "skip images that cannot be decoded (reported with their count) instead of stopping",
+    )
+    # image preprocessing (default: the pretrained tag's, the model config's preprocess_cfg, or a
+    # <checkpoint>.json sidecar next to a local checkpoint; else open_clip's OpenAI values)
+    image_mean: list[float] | None = _f(None, "per-channel normalisation mean (3 numbers)")
+    image_std: list[float] | None = _f(None, "per-channel normalisation std (3 numbers)")
+    image_resize: str | None = _f(
+        None,
+        "resize mode of the eval transform: shortest, longest or squash",
+        choices=("shortest", "longest", "squash"),
+    )
+    image_interpolation: str | None = _f(
+        None, "resize interpolation: bicubic or bilinear", choices=("bicubic", "bilinear")
+    )
     output: str = _f("runs/run", "run folder (created; config, metrics, results, weights)")
     # optimisation
     steps: int | None = _f(None, "optimiser steps (default: the method's, or from --epochs)")
@@ -126,6 +168,17 @@ class RunConfig:
     log_every: int = _f(10, "steps between metrics.jsonl lines")
     save_every: int = _f(100, "steps between resumable checkpoints (0: only at the end)")
     progress: bool = _f(True, "show a tqdm progress bar on rank 0")
+    collective_timeout: float = _f(
+        600.0,
+        "under torchrun: seconds a rank may wait in a collective (a stopped or hung peer) before "
+        "the whole job fails",
+    )
+    nonfinite: str = _f(
+        "stop",
+        "on a non-finite loss: stop (at that step, naming it and the last good checkpoint) or "
+        "skip (drop that step's update and count it)",
+        choices=("stop", "skip"),
+    )
 
     def to_json(self) -> dict[str, Any]:
         """The configuration as a JSON-able dict (every field)."""
@@ -165,7 +218,11 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 """Per-method defaults (SPEC §7); a value the user sets always wins."""
 
 
-def _named_paths(fn: str, value: Any) -> dict[str, str]:
+NAMED_SETS = ("eval", "shift", "ood")
+"""The fields that hold named image folders (``NAME=DIR``)."""
+
+
+def _named_paths(fn: str, value: Any, key: str = "eval") -> dict[str, str]:
     if isinstance(value, Mapping):
         return {str(k): str(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -175,13 +232,13 @@ def _named_paths(fn: str, value: Any) -> dict[str, str]:
             if not sep:
                 name, path = Path(spec).name, str(spec)
             if not name or not path:
-                raise ValueError(f"{fn}: eval entries must be NAME=DIR, got {spec!r}")
+                raise ValueError(f"{fn}: {key} entries must be NAME=DIR, got {spec!r}")
             if name in out:
-                raise ValueError(f"{fn}: eval names must be unique, got {name!r} twice")
+                raise ValueError(f"{fn}: {key} names must be unique, got {name!r} twice")
             out[name] = path
         return out
     raise TypeError(
-        f"{fn}: eval must be a mapping NAME -> DIR or a list of NAME=DIR, got {describe(value)}"
+        f"{fn}: {key} must be a mapping NAME -> DIR or a list of NAME=DIR, got {describe(value)}"
     )
 
 
@@ -225,8 +282,9 @@ def resolve(overrides: Mapping[str, Any], *, method: str | None = None) -> RunCo
             values[key] = int(value)  # NumPy integers; a float such as 2.0 is refused below
     if "epochs" in values and is_real_number(values["epochs"]):
         values["epochs"] = float(values["epochs"])
-    if "eval" in values:
-        values["eval"] = _named_paths(fn, values["eval"])
+    for key in NAMED_SETS:
+        if key in values:
+            values[key] = _named_paths(fn, values[key], key)
     config = RunConfig(**values)
     _validate(fn, config, fields)
     return config
@@ -290,8 +348,11 @@ def _validate(fn: str, c: RunConfig, fields: Mapping[str, dataclasses.Field[Any]
             f"{fn}: select 'best' picks weights on the validation split every eval_every steps; "
             f"set eval_every >= 1, got {c.eval_every}"
         )
-    if c.templates not in ("openai", "simple"):
-        raise ValueError(f"{fn}: templates must be openai or simple, got {c.templates!r}")
+    if c.templates not in ("openai", "simple") and not Path(c.templates).expanduser().is_file():
+        raise ValueError(
+            f"{fn}: templates must be openai, simple or an existing text file of templates, got "
+            f"{c.templates!r} (no such file)"
+        )
     if c.batch_size is not None and c.batch_size % c.accumulation:
         raise ValueError(
             f"{fn}: batch_size must be a multiple of accumulation, got batch_size "
