@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from robustft.recipes._config import SUPERVISED, UNSUPERVISED, RunConfig, load_config_file, resolve
+from robustft.recipes._runfolder import RunError, read_record
 
 __all__ = ["main", "parser"]
 
@@ -65,6 +67,29 @@ def _add_config_flags(p: argparse.ArgumentParser, methods: Sequence[str]) -> Non
             )
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of fields (flags win)")
     p.add_argument("--resume", metavar="RUN", help="continue the interrupted run in this folder")
+    _add_job_flags(p)
+
+
+def _add_job_flags(p: argparse.ArgumentParser, *, run_paths: bool = True) -> None:
+    """Flags every job has: --overwrite, --override (moved data) and --debug."""
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run (or results) already in --output; without it such a folder is "
+        "refused",
+    )
+    if run_paths:
+        p.add_argument(
+            "--override",
+            action="append",
+            default=None,
+            metavar="FIELD=PATH",
+            help="with --resume/--run/--runs: a path recorded in the run's config.json that moved "
+            "(e.g. train=/new/place/train); the data are checked against what the run recorded",
+        )
+    p.add_argument(
+        "--debug", action="store_true", help="on an error, show the full Python traceback"
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -122,9 +147,14 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write each WiSE-FT blend as wise-<alpha>.safetensors (wise-0 is zero-shot)",
     )
+    post.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="combine runs of different methods, models or data splits (refused otherwise)",
+    )
     post.add_argument("--output", required=True, help="folder for results.json and the weights")
-    post.add_argument("--eval", action="append", metavar="NAME=DIR", help="evaluation sets")
-    post.add_argument("--device", help="device (default: cuda if available)")
+    _add_eval_flags(post)
+    _add_job_flags(post)
     ev = sub.add_parser(
         "evaluate",
         help="evaluate saved weights (or the zero-shot model) on image folders",
@@ -140,11 +170,28 @@ def parser() -> argparse.ArgumentParser:
         help="last, average, best, zero-shot or .safetensors files",
     )
     ev.add_argument(
-        "--eval", action="append", metavar="NAME=DIR", help="evaluation sets (default: the run's)"
+        "--output",
+        help="a new folder for results.json and summary.md (default: print only); never the run "
+        "folder itself",
     )
-    ev.add_argument("--output", help="write results.json here (default: print only)")
-    ev.add_argument("--device", help="device (default: cuda if available)")
+    _add_eval_flags(ev)
+    _add_job_flags(ev)
     return top
+
+
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    """The evaluation sets and the device of posthoc/evaluate (default: the run's)."""
+    for flag, what in (
+        ("--eval", "evaluation"),
+        ("--shift", "distribution-shift"),
+        ("--ood", "pure out-of-distribution"),
+    ):
+        p.add_argument(
+            flag, action="append", metavar="NAME=DIR", help=f"{what} sets (default: the run's)"
+        )
+    p.add_argument("--ood-reference", help="the set --ood sets are scored against (val or a name)")
+    p.add_argument("--device", help="device (default: cuda if available)")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes (default: the run's)")
 
 
 # what --resume may change: where and how the run is watched, never what it computes
@@ -166,24 +213,77 @@ RESUMABLE = frozenset(
 )
 
 
-def _run_config(fn: str, option: str, run: str) -> dict[str, Any]:
+MOVABLE = ("train", "val", "classnames", "model", "pretrained", "templates")
+"""The recorded paths ``--override FIELD=PATH`` may point elsewhere (moved data and weights)."""
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _run_config(option: str, run: str) -> dict[str, Any]:
     """The ``config.json`` of a run folder, or a clear error naming the option."""
     saved = Path(run) / "config.json"
     if not saved.is_file():
-        raise ValueError(
-            f"{fn}: {option} must be a run folder holding config.json (written by robustft "
-            f"finetune/ueo), got {run!r}"
+        raise RunError(
+            f"{option} {run!r} must be a run folder holding config.json (written by robustft "
+            f"finetune/ueo)"
         )
-    data: dict[str, Any] = json.loads(saved.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(saved.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunError(f"{option}: {str(saved)!r} is damaged ({err})") from err
+    if not isinstance(data, dict):
+        raise RunError(f"{option}: {str(saved)!r} must hold a JSON object of settings")
     return data
+
+
+def _relocate(values: dict[str, Any], overrides: Sequence[str] | None, run: str) -> None:
+    """Apply ``--override FIELD=PATH`` and check that every recorded path still exists."""
+    for spec in overrides or []:
+        field, eq, path = spec.partition("=")
+        field = field.strip().replace("-", "_")
+        if not eq or field not in MOVABLE or not path:
+            raise ValueError(
+                f"--override must be FIELD=PATH with FIELD one of {', '.join(MOVABLE)}, got {spec!r}"
+            )
+        values[field] = str(Path(path).expanduser().absolute())
+    saved = str(Path(run) / "config.json")
+    for field in ("train", "val", "classnames"):
+        value = values.get(field)
+        if value and not Path(value).exists():
+            raise RunError(
+                f"{_flag(field)} {value!r}, recorded in {saved!r}, no longer exists — move it "
+                f"back, or point to its new place with --override {field}=PATH"
+            )
+    for field in ("model", "pretrained", "templates"):
+        value = values.get(field)
+        if value and Path(value).is_absolute() and not Path(value).exists():
+            raise RunError(
+                f"{_flag(field)} {value!r}, recorded in {saved!r}, no longer exists — move it "
+                f"back, or point to its new place with --override {field}=PATH"
+            )
+    from robustft.recipes._config import NAMED_SETS
+
+    for field in NAMED_SETS:
+        for name, path in (values.get(field) or {}).items():
+            if not Path(path).exists():
+                raise RunError(
+                    f"{_flag(field)} {name}={path!r}, recorded in {saved!r}, no longer exists — "
+                    f"give the sets again with {_flag(field)} NAME=DIR"
+                )
 
 
 def _config_from(args: argparse.Namespace, family: Sequence[str]) -> tuple[RunConfig, bool]:
     values: dict[str, Any] = {}
     resume = False
+    saved: dict[str, Any] = {}
     if args.resume:
-        values.update(_run_config(args.command, "--resume", args.resume))
+        saved = _run_config("--resume", args.resume)
+        values.update(saved)
         resume = True
+    elif args.override:
+        raise ValueError("--override moves a recorded path; use it with --resume RUN")
     if args.config:
         values.update(load_config_file(args.config))
     for f in dataclasses.fields(RunConfig):
@@ -191,76 +291,149 @@ def _config_from(args: argparse.Namespace, family: Sequence[str]) -> tuple[RunCo
         if v is not None:
             values[f.name] = v
     if args.resume:
-        values["output"] = args.resume
-        saved = _run_config(args.command, "--resume", args.resume)
-        changed = sorted(k for k in values if k not in RESUMABLE and values[k] != saved.get(k))
+        values["output"] = str(Path(args.resume).absolute())
+        _relocate(values, args.override, args.resume)
+        given = resolve(values, method=values.get("method"))
+        then = resolve(saved, method=saved.get("method"))
+        changed = [
+            f.name
+            for f in dataclasses.fields(RunConfig)
+            if f.name not in RESUMABLE
+            and f.name not in MOVABLE
+            and getattr(given, f.name) != getattr(then, f.name)
+        ]
         if changed:
             raise ValueError(
-                f"{args.command}: --resume continues the run as configured; it may change only "
-                f"{', '.join(sorted(RESUMABLE))}, got new values for {changed}"
+                f"--resume continues the run as it was configured; it may change only "
+                f"{', '.join(_flag(k) for k in sorted(RESUMABLE - {'output'}))} (and moved paths "
+                f"with --override), got new values for {', '.join(_flag(k) for k in changed)}"
             )
     method = values.get("method") or family[0]
     if method not in family:
-        raise SystemExit(
-            f"robustft: --method must be one of {', '.join(family)} here, got {method!r}"
-        )
+        raise ValueError(f"--method must be one of {', '.join(family)} here, got {method!r}")
     config = resolve(values, method=method)
     if not config.train:
-        raise SystemExit("robustft: --train is required (an ImageFolder root)")
+        raise ValueError("--train is required (an image folder root: one sub-folder per class)")
     return config, resume
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``robustft`` command; returns the exit status."""
-    args = parser().parse_args(argv)
+def _saved_run(args: argparse.Namespace, option: str, run: str) -> dict[str, Any]:
+    """The configuration of a saved run for posthoc/evaluate, with the sets and device given."""
+    base = _run_config(option, run)
+    _relocate(base, args.override, run)
+    if args.eval or args.shift or args.ood:  # the sets given replace the run's
+        for field in ("eval", "shift", "ood"):
+            base[field] = getattr(args, field) or []
+    for field in ("ood_reference", "device", "workers"):
+        value = getattr(args, field, None)
+        if value is not None:
+            base[field] = value
+    base["progress"] = False
+    return base
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line: for an error re-raised from a DataLoader worker (a
+    traceback in its message), the original error's own line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if len(lines) > 1 and any("Traceback (most recent call last)" in line for line in lines):
+        last = lines[-1]
+        head, sep, rest = last.partition(": ")
+        return rest if sep and head.replace(".", "").replace("_", "").isalnum() else last
+    return " ".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
     from robustft.recipes import _jobs
 
-    try:
-        if args.command in ("finetune", "ueo"):
-            family = SUPERVISED if args.command == "finetune" else UNSUPERVISED
-            config, resume = _config_from(args, family)
-            _jobs.main_finetune(config, resume=resume)
-            return 0
-        if args.command == "posthoc":
-            base = _run_config("posthoc", "--runs (the first)", args.runs[0])
-            base.update({"output": args.output, "progress": False})
-            if args.eval:
-                base["eval"] = args.eval
-            if args.device:
-                base["device"] = args.device
-            config = resolve(base)
-            alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
-            _jobs.posthoc(
-                config,
-                args.runs,
-                kind=args.kind,
-                alphas=alphas,
-                tpgm_steps=args.tpgm_steps,
-                weights=args.weights,
-                save_weights=args.save_weights,
-            )
-            return 0
-        run = Path(args.run)
-        base = _run_config("evaluate", "--run", args.run)
-        if args.eval:
-            base["eval"] = args.eval
-        if args.device:
-            base["device"] = args.device
-        config = resolve(base)
-        files = [
-            w if w == "zero-shot" or w.endswith(".safetensors") else str(run / f"{w}.safetensors")
-            for w in args.weights
-        ]
-        payload = _jobs.evaluate_run(config, files)
-        text = json.dumps(payload, indent=1)
-        if args.output:
-            Path(args.output).mkdir(parents=True, exist_ok=True)
-            (Path(args.output) / "results.json").write_text(text + "\n", encoding="utf-8")
-        print(text)
+    if args.command in ("finetune", "ueo"):
+        family = SUPERVISED if args.command == "finetune" else UNSUPERVISED
+        config, resume = _config_from(args, family)
+        _jobs.main_finetune(config, resume=resume, overwrite=args.overwrite)
         return 0
+    if args.command == "posthoc":
+        config = resolve(_saved_run(args, "--runs", args.runs[0]) | {"output": args.output})
+        alphas = _floats("--alphas", args.alphas)
+        _jobs.main_posthoc(
+            config,
+            args.runs,
+            kind=args.kind,
+            alphas=alphas,
+            tpgm_steps=args.tpgm_steps,
+            weights=args.weights,
+            save_weights=args.save_weights,
+            allow_mixed=args.allow_mixed,
+            overwrite=args.overwrite,
+        )
+        return 0
+    run = Path(args.run)
+    base = _saved_run(args, "--run", args.run)
+    config = resolve(base)
+    files = [
+        w if w == "zero-shot" or w.endswith(".safetensors") else str(run / f"{w}.safetensors")
+        for w in args.weights
+    ]
+    recorded = read_record(run, option="--run")
+    _jobs.main_evaluate(
+        config, files, recorded=recorded, output=args.output, overwrite=args.overwrite
+    )
+    return 0
+
+
+def _floats(option: str, text: str) -> list[float]:
+    try:
+        values = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError as err:
+        raise ValueError(f"{option} must be comma-separated numbers, got {text!r}") from err
+    if not values:
+        raise ValueError(f"{option} must hold at least one number, got {text!r}")
+    return values
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``robustft`` command; returns the exit status.
+
+    Exit status: 0 on success; 2 for a bad command line, setting or input (``ValueError``,
+    ``TypeError``, ``FileNotFoundError``); 1 for a failure while running (:class:`RunError`: a
+    run folder that may not be written, data that changed since the run, a damaged file, a full
+    disk) and for a non-finite loss; 128 + the signal's number when SIGINT (130) or SIGTERM (143)
+    stopped a run at a step boundary. Errors are one line, ``robustft: error: <message>``; the
+    full traceback only with ``--debug``.
+    """
+    args = parser().parse_args(argv)
+    from robustft.recipes._loop import Interrupted
+
+    try:
+        return _run(args)
+    except Interrupted as stop:
+        where = f"; saved {stop.checkpoint}" if stop.checkpoint else ""
+        command = "ueo" if args.command == "ueo" else "finetune"
+        run_dir = Path(stop.checkpoint).parent if stop.checkpoint else None
+        how = f" — continue with: robustft {command} --resume {run_dir}" if run_dir else ""
+        print(
+            f"robustft: stopped by {signal.Signals(stop.signum).name} at step {stop.step}{where}{how}",
+            file=sys.stderr,
+        )
+        return 128 + int(stop.signum)
+    except KeyboardInterrupt:
+        print("robustft: interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"robustft: error: {error}", file=sys.stderr)
+        if args.debug:
+            raise
+        _report(error)
         return 2
+    except (RunError, OSError, RuntimeError) as error:
+        if args.debug:
+            raise
+        _report(error)
+        return 1
+
+
+def _report(error: BaseException) -> None:
+    print(f"robustft: error: {one_line(error)}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,11 +12,25 @@ import contextlib
 import errno
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunError", "atomic_write", "write_error", "write_json"]
+__all__ = [
+    "RunError",
+    "absolute",
+    "atomic_write",
+    "check_record",
+    "claim",
+    "classes_change",
+    "fingerprint",
+    "locked",
+    "read_record",
+    "state",
+    "versions",
+    "write_error",
+    "write_json",
+]
 
 
 class RunError(RuntimeError):
@@ -91,3 +105,322 @@ def atomic_write(path: Path, data: bytes | str | Callable[[Path], None]) -> None
 def write_json(path: Path, value: Any) -> None:
     """Write ``value`` as indented JSON (one trailing newline) atomically to ``path``."""
     atomic_write(path, json.dumps(value, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# what a folder holds, and claiming it for a job
+
+RUN_FILES = (
+    "config.json",
+    "run.json",
+    "metrics.jsonl",
+    "results.json",
+    "summary.md",
+    "checkpoint.pt",
+    "checkpoint.dcp",
+    "checkpoint.dcp.tmp",
+    "checkpoint.dcp.old",
+)
+"""The files (and folders) a job writes into its folder, besides ``*.safetensors`` weights."""
+
+LOCK = ".robustft.lock"
+TRAINING = ("finetune", "ueo")
+"""The commands whose folder is a training run (posthoc/evaluate never write into one)."""
+
+
+def _kind(folder: Path) -> str:
+    """``"absent"``, ``"empty"``, ``"finished"``, ``"interrupted"`` or ``"foreign"`` (a non-empty
+    folder that holds no run)."""
+    if not folder.exists():
+        return "absent"
+    if not folder.is_dir():
+        return "foreign"
+    names = {p.name for p in folder.iterdir()} - {LOCK}
+    if not names:
+        return "empty"
+    if "results.json" in names and _status(folder) != "running":
+        return "finished"
+    if names & {"config.json", "run.json", "checkpoint.pt", "checkpoint.dcp", "checkpoint.dcp.old"}:
+        return "interrupted"
+    return "foreign"
+
+
+def _status(folder: Path) -> str | None:
+    try:
+        record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record.get("status") if isinstance(record, dict) else None
+
+
+def state(folder: str | os.PathLike[str]) -> str:
+    """What ``folder`` holds: ``"absent"``, ``"empty"``, ``"finished"`` (a completed job),
+    ``"interrupted"`` (a job that started and did not finish) or ``"foreign"`` (other files).
+
+    Example:
+        >>> import tempfile
+        >>> state(tempfile.mkdtemp())
+        'empty'
+    """
+    return _kind(Path(folder))
+
+
+def claim(folder: str | os.PathLike[str], *, command: str, overwrite: bool, resume: bool) -> Path:
+    """Check that ``command`` may write its results into ``folder``; create it.
+
+    A folder that holds a job is never reused silently: without ``resume``, a finished or an
+    interrupted job is refused with the commands that continue it or replace it (``overwrite``
+    removes the job's own files first, and nothing else); a non-empty folder that holds no job is
+    refused (it may be the user's data). With ``resume``, the folder must hold an interrupted job.
+
+    Returns:
+        The folder as an absolute path.
+
+    Raises:
+        RunError: the folder holds a job (or other files) and may not be written.
+    """
+    path = Path(folder).expanduser().absolute()
+    kind = _kind(path)
+    shown = str(folder)
+    if resume:
+        if kind in ("absent", "empty", "foreign"):
+            raise RunError(
+                f"--resume {shown!r}: the folder holds no run to continue (no config.json); start "
+                f"one with robustft {command} ... --output {shown}"
+            )
+        return path
+    if kind == "foreign":
+        raise RunError(
+            f"--output {shown!r} is not empty and holds no robustft run; choose a new or empty "
+            f"folder (nothing there is removed, even with --overwrite)"
+        )
+    if kind in ("finished", "interrupted") and not overwrite:
+        if kind == "finished":
+            what = "a finished run (results.json)"
+            how = "choose another --output, or add --overwrite to replace it"
+        else:
+            what = "an unfinished run"
+            how = (
+                f"continue it with: robustft {command} --resume {shown} — or add --overwrite to "
+                f"start it again from step 0"
+            )
+        raise RunError(f"--output {shown!r} holds {what}; {how}")
+    if kind in ("finished", "interrupted"):
+        owner = (read_record(path, option="--output").get("command")) or "finetune"
+        if owner in TRAINING and command not in TRAINING:
+            raise RunError(
+                f"--output {shown!r} is a training run's folder; robustft {command} never writes "
+                f"into a run folder — choose a new folder (e.g. {shown.rstrip('/')}-{command})"
+            )
+        clear(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(path, err) from err
+    return path
+
+
+def clear(folder: Path) -> None:
+    """Remove a job's own files from ``folder`` (:data:`RUN_FILES` and ``*.safetensors``)."""
+    import shutil
+
+    for child in folder.iterdir():
+        if (
+            child.name in RUN_FILES
+            or child.suffix == ".safetensors"
+            or child.name.startswith(".checkpoint")
+        ):
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+
+@contextlib.contextmanager
+def locked(folder: Path, *, active: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` while a job writes it (a no-op when not ``active``:
+    the ranks other than 0, which write no file alone).
+
+    Raises:
+        RunError: another process holds the lock (another job is writing this folder).
+    """
+    if not active:
+        yield
+        return
+    import fcntl
+
+    path = folder / LOCK
+    try:
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held across the yield
+    except OSError as err:
+        raise write_error(path, err) from err
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunError(
+                f"{str(folder)!r} is being written by another robustft process ({holder}); wait "
+                f"for it to end, or choose another --output"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the facts a run records, and the checks every later command makes against them
+
+
+def fingerprint(samples: Sequence[tuple[str, int]], root: str | os.PathLike[str]) -> str:
+    """A short hash of a dataset's ``(path relative to root, label)`` pairs, in order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    base = os.fspath(root)
+    for path, label in samples:
+        h.update(f"{os.path.relpath(path, base)}\t{label}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    """The versions of robustft, torch and open_clip (recorded with every run)."""
+    import torch
+
+    from robustft._version import __version__
+
+    out = {"robustft": __version__, "torch": torch.__version__}
+    try:
+        import open_clip
+
+        out["open_clip"] = open_clip.__version__
+    except (ImportError, AttributeError):  # pragma: no cover - open_clip is a dependency
+        pass
+    return out
+
+
+def read_record(folder: Path, *, option: str) -> dict[str, Any]:
+    """The ``run.json`` of a run folder (``{}`` for runs written before it existed).
+
+    Raises:
+        RunError: the file exists but is not valid JSON.
+    """
+    path = folder / "run.json"
+    if not path.exists():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunError(
+            f"{option}: {str(path)!r} is damaged ({err}); the run cannot be checked"
+        ) from err
+    if not isinstance(record, dict):
+        raise RunError(f"{option}: {str(path)!r} must hold a JSON object")
+    return record
+
+
+def classes_change(before: Sequence[Sequence[str]], now: Sequence[Sequence[str]]) -> str | None:
+    """What changed between two class lists of ``[folder, name]`` (``None`` if nothing)."""
+    b = [tuple(c) for c in before]
+    n = [tuple(c) for c in now]
+    if b == n:
+        return None
+    bf, nf = [c[0] for c in b], [c[0] for c in n]
+    added = [f for f in nf if f not in bf]
+    missing = [f for f in bf if f not in nf]
+    if added or missing:
+        parts = []
+        if added:
+            parts.append(f"added {added[:5]}")
+        if missing:
+            parts.append(f"missing {missing[:5]}")
+        return f"the classes changed ({', '.join(parts)}; {len(b)} classes then, {len(n)} now)"
+    if bf != nf:
+        i = next(k for k in range(len(bf)) if bf[k] != nf[k])
+        return (
+            f"the same classes are in another label order (label {i} was {bf[i]!r}, is now "
+            f"{nf[i]!r}): the class-names file was reordered"
+        )
+    i = next(k for k in range(len(b)) if b[k] != n[k])
+    return f"the readable name of class {b[i][0]!r} changed from {b[i][1]!r} to {n[i][1]!r}"
+
+
+def check_record(
+    recorded: Mapping[str, Any], current: Mapping[str, Any], *, where: str, sets: Sequence[str]
+) -> None:
+    """Refuse when what a command is about to read differs from what the run recorded.
+
+    Compares the classes (folder and name, in label order), the templates, the image
+    normalisation and, for each of ``sets`` (``"train"``, ``"val"``), the images (count and
+    fingerprint). Records written before a fact existed are not checked on it.
+
+    Raises:
+        RunError: naming what changed and ``where`` it was recorded.
+    """
+    problems: list[str] = []
+    if "classes" in recorded:
+        change = classes_change(recorded["classes"], current["classes"])
+        if change:
+            problems.append(change)
+    if "templates" in recorded and list(recorded["templates"]) != list(current["templates"]):
+        problems.append(
+            f"the prompt templates differ ({len(recorded['templates'])} recorded, "
+            f"{len(current['templates'])} now)"
+        )
+    before_pre, now_pre = recorded.get("preprocess"), current.get("preprocess")
+    if before_pre and now_pre:
+        keys = ("mean", "std", "resize_mode", "interpolation", "image_size")
+        diff = [k for k in keys if before_pre.get(k) != now_pre.get(k)]
+        if diff:
+            problems.append(
+                "the image preprocessing differs ("
+                + ", ".join(f"{k} {before_pre.get(k)} then, {now_pre.get(k)} now" for k in diff)
+                + ")"
+            )
+    for name in sets:
+        then, now = recorded.get("data", {}).get(name), current.get("data", {}).get(name)
+        if not then or not now:
+            continue
+        if then["fingerprint"] != now["fingerprint"]:
+            problems.append(
+                f"the {name} images changed ({then['images']} images then, {now['images']} now, "
+                f"in {now['root']!r})"
+            )
+    if problems:
+        raise RunError(
+            f"{where}: " + "; ".join(problems) + " — the run's numbers would not mean what it "
+            "recorded; restore the data, or start a new run"
+        )
+
+
+PATH_FIELDS = ("train", "val", "classnames", "model", "pretrained", "templates", "output")
+"""The configuration fields that may hold a path (besides the named sets)."""
+
+
+def absolute(config: Any) -> Any:
+    """``config`` with every path made absolute (relative to the working directory), so that a
+    run folder means the same from any directory. Names that are not existing paths (an open_clip
+    model name or pretrained tag, ``openai`` templates) are kept as they are."""
+    import dataclasses
+
+    from robustft.recipes._config import NAMED_SETS
+
+    def fix(value: Any, must_exist: bool) -> Any:
+        if not isinstance(value, str) or not value:
+            return value
+        path = Path(value).expanduser()
+        if must_exist and not path.exists():
+            return value
+        return str(path.absolute())
+
+    changes: dict[str, Any] = {}
+    for name in PATH_FIELDS:
+        changes[name] = fix(getattr(config, name), must_exist=name not in ("train", "output"))
+    for name in NAMED_SETS:
+        changes[name] = {k: fix(v, False) for k, v in getattr(config, name).items()}
+    return dataclasses.replace(config, **changes)
