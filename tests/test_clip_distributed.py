@@ -38,6 +38,10 @@ def _ddp_body(rank: int, world_size: int) -> dict[str, list[float]]:
     # the trained .module: refused loudly instead of silently unsynchronised gradients
     with pytest.raises(ValueError, match=r"image_features: model must not be the .module of a"):
         clip.image_features(model, None, _images(rank))
+    with pytest.raises(
+        ValueError, match=r"replicate it with robustft\.distributed\.replicate\(params\)$"
+    ):
+        clip.image_features(model, None, _images(rank))
     tok = tokenizer()
     ctx = clip.init_context(model, tok)
     with pytest.raises(ValueError, match=r"encode_text_with_context: model must not be the"):

@@ -252,16 +252,23 @@ def test_l2sp_is_refused_under_fsdp2() -> None:
 
 
 class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
     def __reduce__(self) -> tuple[Any, ...]:
-        return (os.system, ("echo pwned",))
+        return (os.system, (f"touch {self.marker}",))
 
 
 def test_sharded_checkpoint_metadata_is_never_unpickled_unsafely(tmp_path: Path) -> None:
-    """DCP's metadata file is a pickle: ours admits only DCP's own metadata classes."""
+    """DCP's metadata file is a pickle: ours admits only an exact list of DCP's own classes (the
+    crafted files of every kind are in test_recipes_checkpoint.py)."""
     import pickle
 
     from robustft.recipes._checkpoint import _safe_reader
+    from robustft.recipes._runfolder import RunError
 
-    (tmp_path / ".metadata").write_bytes(pickle.dumps(_Evil()))
-    with pytest.raises(pickle.UnpicklingError, match=r"refusing to unpickle it"):
+    marker = tmp_path / "pwned"
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
+    with pytest.raises(RunError, match=r"refusing checkpoint metadata .*posix\.system"):
         _safe_reader(tmp_path).read_metadata()
+    assert not marker.exists()

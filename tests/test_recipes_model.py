@@ -224,14 +224,25 @@ def test_model_name_and_tag_go_to_open_clip(config: Path, monkeypatch: pytest.Mo
     load_model(config)  # registers "tiny-clip"
     tiny = open_clip.create_model_and_transforms("tiny-clip")
     calls: list[tuple[str, object, object]] = []
+    forced: list[dict[str, object]] = []
 
-    def fake(name: str, *, pretrained: object, precision: str, device: object) -> object:
+    def fake(
+        name: str, *, pretrained: object, precision: str, device: object, **preprocess: object
+    ) -> object:
         calls.append((name, pretrained, precision))
+        forced.append(preprocess)
         return tiny
 
     monkeypatch.setattr(open_clip, "create_model_and_transforms", fake)
     bundle = load_model("ViT-B/16", pretrained="openai")  # open_clip's "/" spelling is accepted
     assert calls == [("ViT-B-16", "openai", "fp32")]
+    assert forced[0] == {  # the tag's preprocessing, passed on explicitly
+        "image_mean": open_clip.OPENAI_DATASET_MEAN,
+        "image_std": open_clip.OPENAI_DATASET_STD,
+        "image_interpolation": "bicubic",
+        "image_resize_mode": "shortest",
+    }
+    assert bundle.preprocess["source"] == "tag openai"
     assert bundle.name == "ViT-B-16"
     assert bundle.model is tiny[0] and bundle.model.training is False
     assert bundle.tokenizer(["x"]).shape == (1, 77)  # ViT-B-16's own tokenizer

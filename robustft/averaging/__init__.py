@@ -15,6 +15,9 @@ Parameters are trees, ``dict(model.named_parameters())``; averages work on shard
 ``DTensor``) trees as on plain ones, without copying the module.
 """
 
+from typing import TYPE_CHECKING
+
+from robustft._checks import moved_names
 from robustft.averaging._averagers import (
     Averager,
     AverageState,
@@ -38,3 +41,12 @@ __all__ = [
     "ema",
     "uniform",
 ]
+
+# Public names that moved or were removed, and where they went (CHANGELOG, docs/migration.md)
+_MOVED = {
+    "uniform_soup": "moved to robustft.merging.uniform_soup (same behaviour)",
+    "greedy_soup": "moved to robustft.merging.greedy_soup (same behaviour)",
+}
+
+if not TYPE_CHECKING:  # runtime only: type checkers keep flagging unknown names
+    __getattr__ = moved_names(__name__, _MOVED)

@@ -8,6 +8,9 @@ special-token ids, so ``import robustft.clip`` is cheap and works with any open_
 pretrained=...)``).
 """
 
+from typing import TYPE_CHECKING
+
+from robustft._checks import moved_names
 from robustft.clip._context import encode_text_with_context, init_context
 from robustft.clip._forward import frozen_copy_features, image_features, text_features
 from robustft.clip._heads import context_prototypes, zero_shot_head
@@ -30,3 +33,12 @@ __all__ = [
     "visual_names",
     "zero_shot_head",
 ]
+
+# Public names that moved or were removed, and where they went (CHANGELOG, docs/migration.md)
+_MOVED = {
+    "energy_gap_metric": "moved to robustft.metrics.energy_gap: "
+    "metrics.energy_gap(f, reference_features=f0, text_features=bank.features)",
+}
+
+if not TYPE_CHECKING:  # runtime only: type checkers keep flagging unknown names
+    __getattr__ = moved_names(__name__, _MOVED)

@@ -19,9 +19,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils.weak import WeakIdKeyDictionary
 
-from robustft._checks import check_int, describe, fmt_keys
+from robustft._checks import check_int, describe, fmt_keys, is_dtensor, is_functorch_wrapped
 from robustft._modules import eval_mode
+from robustft.distributed import is_replicated
 from robustft.tree import check_tree
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "call_method",
     "check_batch_size",
     "check_classnames",
+    "check_data_parallel",
     "check_model",
     "check_params",
     "check_templates",
@@ -59,7 +62,7 @@ _DATA_PARALLEL_HELP = (
     "a functional call on a DistributedDataParallel's .module computes gradients that DDP never "
     "synchronises (its hooks run only through DDP's own forward); pass the DDP wrapper itself as "
     "model (robustft.clip then runs the method through DDP's forward), or train a parameter tree "
-    "passed as params= and all-reduce its gradients yourself"
+    "passed as params= and replicate it with robustft.distributed.replicate(params)"
 )
 
 
@@ -188,28 +191,117 @@ def _wrapped_by_ddp(model: nn.Module) -> bool:
     return found
 
 
-def check_not_ddp_inner(fn: str, model: nn.Module, params: Mapping[str, Tensor] | None) -> None:
-    """Refuse a gradient-carrying functional call on the ``.module`` of a DDP wrapper.
+def _owned_on_stack(model: nn.Module) -> set[int]:
+    """Ids of the parameters that a data-parallel engine synchronises in this forward.
 
-    Only when gradients could reach the module's own DDP-managed parameters: autograd on, a
-    process group initialised and some parameter requiring grad not replaced by ``params``.
+    The parameters of ``model`` if it is a ``DistributedDataParallel``, and of every DDP or FSDP
+    module whose method is running further up the call stack (a functional forward called from
+    inside the wrapped module's own ``forward``, as the recipes' UEO model does). Walks the
+    stack once; only reached for tensors not seen before, so not once per step.
+    """
+    types = (DistributedDataParallel, *_fsdp_types())
+    wrappers: list[Any] = [model] if isinstance(model, DistributedDataParallel) else []
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, types) and not any(obj is w for w in wrappers):
+                wrappers.append(obj)
+        frame = frame.f_back  # type: ignore[assignment]
+    return {id(p) for w in wrappers for p in w.parameters()}
+
+
+# Trainable leaf tensors already looked at under a process group: synchronised by the DDP/FSDP
+# module that ran them, or carrying the refusal hook (identity-keyed: a tensor's == is elementwise)
+_SEEN: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _refusal(fn: str, label: str, tensor: Tensor, world: int) -> Callable[[Tensor], None]:
+    ref = weakref.ref(tensor)
+
+    def hook(grad: Tensor) -> None:
+        t = ref()
+        if t is not None and is_replicated(t):  # replicated after the forward: fine
+            return
+        raise ValueError(
+            f"{fn}: {label} requires grad under a {world}-rank process group, but nothing "
+            f"averages its gradient over the ranks (no DistributedDataParallel/FSDP module running "
+            f"this forward owns it), so the ranks would drift apart; call "
+            f"robustft.distributed.replicate(params) once before training (or make it a parameter "
+            f"of the module DDP wraps)"
+        )
+
+    return hook
+
+
+def check_data_parallel(
+    fn: str,
+    model: nn.Module,
+    params: Mapping[str, Tensor] | None,
+    *,
+    extra: Mapping[str, Tensor] | None = None,
+) -> None:
+    """Refuse gradients that no data-parallel engine would synchronise.
+
+    Only with autograd on, outside compiled code, under an initialised process group -- on one
+    process this is two cheap checks:
+
+    - a gradient-carrying call on the ``.module`` of a live ``DistributedDataParallel`` whose own
+      parameters would be trained raises at once (``ValueError``);
+    - with more than one rank, every trainable leaf tensor the forward reaches -- of ``params``,
+      of ``extra`` (a CoOp context) or the module's own -- that neither
+      :func:`robustft.distributed.replicate` nor a DDP/FSDP module running this forward
+      synchronises gets a gradient hook that raises on the first backward pass (so a forward
+      with autograd on but no backward, e.g. evaluation, is not refused). Each tensor is looked
+      at once.
     """
     if (
         torch.compiler.is_compiling()
         or not torch.is_grad_enabled()
-        or isinstance(model, DistributedDataParallel)
         or not (dist.is_available() and dist.is_initialized())
     ):
         return
     given = params or {}
-    if not any(p.requires_grad and n not in given for n, p in model.named_parameters()):
+    inner = unwrap(model)
+    if not isinstance(model, DistributedDataParallel):
+        trained_own = any(p.requires_grad and n not in given for n, p in inner.named_parameters())
+        if trained_own and _wrapped_by_ddp(model):
+            raise ValueError(
+                f"{fn}: model must not be the .module of a DistributedDataParallel when its own "
+                f"parameters are trained, got {type(model).__name__} wrapped by a live DDP; "
+                + _DATA_PARALLEL_HELP
+            )
+    world = dist.get_world_size()
+    if world <= 1:
         return
-    if _wrapped_by_ddp(model):
-        raise ValueError(
-            f"{fn}: model must not be the .module of a DistributedDataParallel when its own "
-            f"parameters are trained, got {type(model).__name__} wrapped by a live DDP; "
-            + _DATA_PARALLEL_HELP
-        )
+    candidates: list[tuple[str, Tensor]] = []
+
+    def consider(label: str, t: Tensor) -> None:
+        if (
+            t.requires_grad
+            and t.is_leaf
+            and t not in _SEEN
+            and not is_replicated(t)
+            and not is_dtensor(t)
+            and not is_functorch_wrapped(t)
+        ):
+            candidates.append((label, t))
+
+    for key, t in given.items():
+        consider(f"params[{key!r}]", t)
+    for key, t in (extra or {}).items():
+        consider(key, t)
+    for name, p in inner.named_parameters():
+        if name not in given:
+            consider(f"model parameter {name!r}", p)
+    if not candidates:
+        return
+    owned = _owned_on_stack(model)
+    for label, t in candidates:
+        _SEEN[t] = True
+        if id(t) not in owned:
+            t.register_hook(_refusal(fn, label, t, world))
 
 
 def _swap_call(

@@ -17,8 +17,8 @@ from robustft.clip._common import (
     Tokenizer,
     call_method,
     check_classnames,
+    check_data_parallel,
     check_model,
-    check_not_ddp_inner,
     check_params,
     model_device,
     special_ids,
@@ -222,7 +222,10 @@ def encode_text_with_context(
 
     Data parallelism: pass a ``DistributedDataParallel`` wrapper as ``model`` to run the encoding
     through DDP's forward (see :func:`image_features`); a gradient-carrying call on the ``.module``
-    of a live DDP raises. The context and ``params`` tensors are yours: all-reduce their gradients.
+    of a live DDP raises. A context and ``params`` tensors that are not parameters of the module
+    DDP wraps are yours to synchronise: ``robustft.distributed.replicate({"context": context,
+    **params})`` once before training; under more than one rank the first backward pass refuses
+    them otherwise.
 
     Args:
         model: an open_clip ``CLIP`` or ``CustomTextCLIP`` with a ``TextTransformer`` text tower;
@@ -244,7 +247,9 @@ def encode_text_with_context(
             tokens through its ``token_embedding`` exactly once.
         ValueError: on a context of the wrong rank, width or number of classes, too many context
             vectors for the context length, unknown ``params`` keys, ``chunk_size < 1``, or a
-            trained call on the ``.module`` of a live ``DistributedDataParallel``.
+            trained call on the ``.module`` of a live ``DistributedDataParallel``; on the first
+            backward pass under more than one rank, for a trained context or ``params`` tensor
+            that nothing synchronises (see :func:`robustft.distributed.replicate`).
 
     Example:
         >>> import open_clip
@@ -282,7 +287,7 @@ def encode_text_with_context(
     if chunk_size is not None:
         check_int(fn, "chunk_size", chunk_size, low=1)
     tree = check_params(fn, model, params)
-    check_not_ddp_inner(fn, model, tree)
+    check_data_parallel(fn, model, tree, extra={"context": context})
     n_ctx = int(context.shape[-2])
     ids = _cached_prompt_ids(fn, tokenizer, names, n_ctx, sot, eot, model_device(model))
     calls: list[tuple[int, ...]] = []

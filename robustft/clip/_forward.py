@@ -9,8 +9,8 @@ from torch import Tensor, nn
 from robustft._checks import check_floating, check_ndim, check_tensor
 from robustft.clip._common import (
     call_method,
+    check_data_parallel,
     check_model,
-    check_not_ddp_inner,
     check_params,
     eval_mode,
     unwrap,
@@ -51,8 +51,12 @@ def image_features(
     Data parallelism: pass the ``DistributedDataParallel`` wrapper itself as ``model``; the method
     then runs through DDP's forward, so the gradients of the module's own parameters are
     synchronised as with ``ddp(x)``. A call on ``ddp.module`` that would train the module's own
-    parameters raises (it would silently skip DDP's gradient sync). Tensors you pass in
-    ``params`` are yours: all-reduce their gradients yourself. FSDP-managed modules are rejected.
+    parameters raises (it would silently skip DDP's gradient sync). Trained tensors you pass in
+    ``params`` are not DDP's: register them once with :func:`robustft.distributed.replicate`,
+    which averages their gradients after every backward pass. Under a process group of more than
+    one rank, the first backward pass raises for a trained leaf tensor that neither ``replicate``
+    nor a DDP/FSDP module running the forward synchronises (on one process nothing is checked or
+    installed). FSDP-managed modules are rejected.
 
     Args:
         model: an open_clip model (``CLIP``, ``CustomTextCLIP``, ...), any module with
@@ -70,7 +74,8 @@ def image_features(
             tree of tensors or ``images`` is not a floating-point tensor.
         ValueError: if ``params`` names a tensor the model does not have, or ``model`` is the
             ``.module`` of a live ``DistributedDataParallel`` whose own parameters would be
-            trained.
+            trained; on the first backward pass under more than one rank, if a trained tensor
+            is synchronised by neither :func:`robustft.distributed.replicate` nor DDP/FSDP.
 
     Example:
         >>> class Toy(torch.nn.Module):
@@ -93,7 +98,7 @@ def image_features(
     check_model(fn, model, "encode_image", wrapper_ok=True)
     tree = check_params(fn, model, params)
     check_floating(fn, "images", images)
-    check_not_ddp_inner(fn, model, tree)
+    check_data_parallel(fn, model, tree)
     features: Tensor = call_method(model, "encode_image", tree, images)
     return F.normalize(features, dim=-1) if normalize else features
 
@@ -131,7 +136,8 @@ def text_features(
         TypeError: if ``model`` has no ``encode_text`` or is FSDP-managed, ``params`` is not a
             tree of tensors or ``tokens`` is not an integer tensor.
         ValueError: if ``tokens`` is not 2-d, ``params`` names a tensor the model does not have
-            or ``model`` is the trained ``.module`` of a live ``DistributedDataParallel``.
+            or ``model`` is the trained ``.module`` of a live ``DistributedDataParallel``; on the
+            first backward pass, as :func:`image_features`.
 
     Example:
         >>> class Toy(torch.nn.Module):
@@ -155,7 +161,7 @@ def text_features(
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise TypeError(f"{fn}: tokens must be an integer tensor of token ids, got {tokens.dtype}")
     check_ndim(fn, "tokens", tokens, 2)
-    check_not_ddp_inner(fn, model, tree)
+    check_data_parallel(fn, model, tree)
     features: Tensor = call_method(model, "encode_text", tree, tokens)
     return F.normalize(features, dim=-1) if normalize else features
 

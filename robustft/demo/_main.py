@@ -4,6 +4,8 @@
 honest reading, and writes ``results.json``, ``results.md`` and the figures ``shift.png``,
 ``open.png``, ``universal.png`` under ``--output``; ``--docs docs/results.md`` writes the docs'
 Results page instead of ``results.md`` (the command is :data:`DOCS_COMMAND`).
+``python -m robustft.demo --save-model DIR`` instead writes the pre-trained tiny CLIP and the
+digit image folders for the command line (:mod:`robustft.demo._quickstart`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--output", default="demo_output", help="folder for results and figures")
     parser.add_argument("--docs", help="also write the docs' Results page to this file")
+    parser.add_argument(
+        "--save-model",
+        metavar="DIR",
+        help="instead of the experiments: write the pre-trained tiny CLIP (model config, "
+        "safetensors weights, normalisation sidecar) and the digit image folders (DIR/data) "
+        "into the new folder DIR, for `robustft finetune`; prints the command (uses "
+        "--pretrain-steps and --threads; the model is cached after the first call)",
+    )
     args = parser.parse_args(argv)
     for name in ("seeds", "steps", "pretrain_steps", "threads"):
         value = getattr(args, name)
@@ -147,6 +157,8 @@ def docs_page(results: dict[str, Any], figure_dir: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the report, write results and figures; returns 0."""
     args = parse_args(argv)
+    if args.save_model:
+        return _save_model(Path(args.save_model), args.pretrain_steps or FULL.pretrain_steps, args)
     preset = QUICK if args.quick else FULL
     preset = preset._replace(
         seeds=args.seeds or preset.seeds,
@@ -180,6 +192,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         page.write_text(docs_page(results, rel), encoding="utf-8")
         written.append(page)
     print(f"\ntotal {results['seconds']['total']:.1f} s; written: " + ", ".join(map(str, written)))
+    return 0
+
+
+def _save_model(directory: Path, steps: int, args: argparse.Namespace) -> int:
+    """``--save-model DIR``: write the model and folders, print the next command; 0 or 1."""
+    from robustft.demo._quickstart import next_command, save_demo
+    from robustft.recipes._runfolder import RunError
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)  # the same weights as `make demo` pre-trains
+    try:
+        saved = save_demo(directory, steps=steps, log=lambda line: print(line, flush=True))
+    except RunError as err:
+        print(f"python -m robustft.demo: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+    print(f"written: {', '.join(str(p) for p in saved)} and {directory / 'data'}")
+    print(f"next, fine-tune it offline:\n\n{next_command(directory)}\n")
     return 0
 
 

@@ -22,10 +22,40 @@ from torch import Tensor
 from robustft import clip, losses, tree
 from robustft.demo._data import broad_batch, caption_tokens, normalize
 
-__all__ = ["Tokenizer", "build_model", "build_tokenizer", "pretrain"]
+__all__ = [
+    "IMAGE_PREPROCESS",
+    "MODEL_CONFIG",
+    "Tokenizer",
+    "build_model",
+    "build_tokenizer",
+    "pretrain",
+]
 
 CONTEXT_LENGTH = 16
 Tokenizer = Callable[..., Tensor]
+
+MODEL_CONFIG: dict[str, Any] = {
+    "embed_dim": 32,
+    "vision_cfg": {"layers": 2, "width": 64, "patch_size": 4, "image_size": 16, "head_width": 32},
+    "text_cfg": {
+        "context_length": CONTEXT_LENGTH,
+        "vocab_size": 49408,
+        "width": 32,
+        "heads": 2,
+        "layers": 2,
+    },
+}
+"""The tiny CLIP as an open_clip model config (what :func:`build_model` builds)."""
+
+IMAGE_PREPROCESS: dict[str, Any] = {
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "image_resize": "shortest",
+    "image_interpolation": "bilinear",
+}
+"""The model's image preprocessing as :func:`robustft.recipes.load_model` arguments: images in
+``[0, 1]`` go to ``[-1, 1]`` (:func:`robustft.demo._data.normalize`); 16×16 images are not
+resized, others bilinearly (the demo's own upsampling)."""
 
 
 def build_tokenizer() -> Any:
@@ -39,13 +69,13 @@ def build_model(*, seed: int = 0) -> open_clip.CLIP:
     Eval mode is kept throughout: the ViT has no dropout or BatchNorm, so train and eval mode
     compute the same function, and the frozen teacher of KD/Lipsum-FT is the same module.
     """
-    vision = open_clip.CLIPVisionCfg(layers=2, width=64, patch_size=4, image_size=16, head_width=32)
-    text = open_clip.CLIPTextCfg(
-        context_length=CONTEXT_LENGTH, vocab_size=49408, width=32, heads=2, layers=2
-    )
+    vision = open_clip.CLIPVisionCfg(**MODEL_CONFIG["vision_cfg"])
+    text = open_clip.CLIPTextCfg(**MODEL_CONFIG["text_cfg"])
     with torch.random.fork_rng():  # seed the initialisation without touching the global RNG
         torch.manual_seed(seed)
-        return open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text).eval()
+        return open_clip.CLIP(
+            embed_dim=MODEL_CONFIG["embed_dim"], vision_cfg=vision, text_cfg=text
+        ).eval()
 
 
 def pretrain(

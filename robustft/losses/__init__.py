@@ -14,6 +14,7 @@ Empty batches: ``reduction="none"`` gives ``[0]``, ``"sum"`` and ``"mean"`` give
 batch takes part in every collective.
 """
 
+from robustft._checks import keyword_hints
 from robustft.losses._contrastive import clip_contrastive
 from robustft.losses._distillation import (
     context_distillation,
@@ -43,3 +44,9 @@ __all__ = [
     "ueo",
     "ueo_confidence",
 ]
+
+keyword_hints(
+    globals(),
+    ["context_distillation", "distillation", "energy_gap", "feature_distillation", "l2sp"],
+    renamed={"distillation": {"student_logits": "was renamed logits="}},
+)

@@ -13,6 +13,7 @@ keyword-only ``anchor=``. Merges stream their ``candidates`` (a list, a generato
 :func:`lazy`), holding one candidate at a time.
 """
 
+from robustft._checks import keyword_hints
 from robustft.merging._dare import dare
 from robustft.merging._depth import depth_schedule
 from robustft.merging._ensemble import logit_ensemble
@@ -39,3 +40,16 @@ __all__ = [
     "uniform_soup",
     "wise",
 ]
+
+keyword_hints(
+    globals(),
+    [
+        "fisher_merge",
+        "logit_ensemble",
+        "model_stock",
+        "task_arithmetic",
+        "task_vector",
+        "ties",
+        "wise",
+    ],
+)

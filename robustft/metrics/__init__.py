@@ -11,6 +11,7 @@ scores from :mod:`robustft.scores` (higher = known); :func:`open_set` thresholds
 :func:`energy_gap` is Lipsum-FT's diagnostic of how far fine-tuning moved the features.
 """
 
+from robustft._checks import keyword_hints
 from robustft.metrics._classification import accuracy, ece, nll
 from robustft.metrics._energy_gap import energy_gap
 from robustft.metrics._evaluation import Evaluation, EvaluationResult
@@ -36,3 +37,5 @@ __all__ = [
     "per_class_accuracy",
     "worst_group_accuracy",
 ]
+
+keyword_hints(globals(), ["energy_gap"])

@@ -12,6 +12,9 @@ trained parameters for per-step use, without a parameter-sized temporary. All wo
 runs and live in :mod:`robustft.merging`.
 """
 
+from typing import TYPE_CHECKING
+
+from robustft._checks import keyword_hints, moved_names
 from robustft.projections._balls import l2_ball, l2_ball_, mars_ball, mars_ball_
 from robustft.projections._ftp import Ftp, FtpState, ftp
 from robustft.projections._spd import Spd, SpdState, spd
@@ -30,3 +33,14 @@ __all__ = [
     "spd",
     "tpgm",
 ]
+
+keyword_hints(globals(), ["l2_ball", "l2_ball_", "mars_ball", "mars_ball_", "tpgm"])
+
+# Public names that moved or were removed, and where they went (CHANGELOG, docs/migration.md)
+_MOVED = {
+    "wise": "moved to robustft.merging.wise, with the pre-trained side keyword-only: "
+    "merging.wise(params, anchor=anchor, alpha=alpha)",
+}
+
+if not TYPE_CHECKING:  # runtime only: type checkers keep flagging unknown names
+    __getattr__ = moved_names(__name__, _MOVED)

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from robustft.recipes._jobs import evaluate_run, finetune, posthoc
     from robustft.recipes._loop import Plan, TrainResult, lr_factor, plan, train
     from robustft.recipes._methods import Context, Method, build, fit_linear_head
-    from robustft.recipes._model import ClipBundle, load_model
+    from robustft.recipes._model import ClipBundle, SavedModel, load_model, save_model
     from robustft.recipes._runtime import Runtime
 
 _HOMES = {
@@ -41,7 +41,7 @@ _HOMES = {
     "_jobs": ("evaluate_run", "finetune", "posthoc"),
     "_loop": ("Plan", "TrainResult", "lr_factor", "plan", "train"),
     "_methods": ("Context", "Method", "build", "fit_linear_head"),
-    "_model": ("ClipBundle", "load_model"),
+    "_model": ("ClipBundle", "SavedModel", "load_model", "save_model"),
     "_runtime": ("Runtime",),
 }  # fmt: skip
 _HOME = {name: module for module, names in _HOMES.items() for name in names}
@@ -59,6 +59,7 @@ __all__ = [
     "Plan",
     "RunConfig",
     "Runtime",
+    "SavedModel",
     "TrainResult",
     "build",
     "class_names",
@@ -72,6 +73,7 @@ __all__ = [
     "plan",
     "posthoc",
     "resolve",
+    "save_model",
     "threshold_at_tpr",
     "train",
 ]

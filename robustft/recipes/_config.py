@@ -4,16 +4,36 @@ Every field is a command-line flag of the same name (``--batch-size`` for ``batc
 key of the YAML/JSON file given with ``--config``; flags override the file, the file overrides
 the method's defaults, and the method's defaults override the generic ones. The resolved
 configuration is written to ``config.json`` in the run folder, and ``--resume RUN`` reads it back.
+
+Every value, from a flag, a file or Python, passes the same check (one rule per field, in
+``_RULES``): a boolean must be ``true``/``false`` (``'no'``, ``"yes"``, ``1`` are refused, never
+read as truthy), an integer an integer (not ``2.5``, ``"3"`` or ``true``), a number a finite
+number. A refused value gets one line that names the flag and the file key, what is allowed and
+what was given::
+
+    resolve: --batch-size (batch_size in a config file) must be an integer >= 1, got 0
+
+Config files may spell keys with dashes, as the flags do (``batch-size`` is ``batch_size``).
+YAML files are read with YAML 1.2's scalars: ``1e-5`` is a number, only ``true``/``false`` are
+booleans (``yes``/``no``/``on``/``off`` are strings, so a boolean field refuses them), dates
+are strings, and a key given twice is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import math
-from collections.abc import Mapping
+import numbers
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from robustft._checks import describe, is_real_number
 
@@ -23,7 +43,9 @@ __all__ = [
     "METHOD_DEFAULTS",
     "SCORES",
     "RunConfig",
+    "flag_of",
     "load_config_file",
+    "lp_strengths",
     "resolve",
 ]
 
@@ -111,8 +133,12 @@ class RunConfig:
     )
     # image preprocessing (default: the pretrained tag's, the model config's preprocess_cfg, or a
     # <checkpoint>.json sidecar next to a local checkpoint; else open_clip's OpenAI values)
-    image_mean: list[float] | None = _f(None, "per-channel normalisation mean (3 numbers)")
-    image_std: list[float] | None = _f(None, "per-channel normalisation std (3 numbers)")
+    image_mean: list[float] | None = dataclasses.field(
+        default=None, metadata={"help": "per-channel normalisation mean (3 numbers)"}
+    )
+    image_std: list[float] | None = dataclasses.field(
+        default=None, metadata={"help": "per-channel normalisation std (3 numbers)"}
+    )
     image_resize: str | None = _f(
         None,
         "resize mode of the eval transform: shortest, longest or squash",
@@ -219,31 +245,359 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 NAMED_SETS = ("eval", "shift", "ood")
-"""The fields that hold named image folders (``NAME=DIR``)."""
+"""The fields that hold named image folders (``NAME=DIR``); a name is used once over all three."""
+RESERVED_NAMES = ("train", "val")
+"""Names no evaluation set may take: the run's own splits carry them in its results."""
+DEVICES = "cpu, cuda, cuda:N or mps"
+"""The devices ``--device`` accepts (default: cuda if available, else cpu)."""
+_DEVICE = re.compile(r"cpu|mps|cuda(?::[0-9]+)?")
+_FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+Rule = Callable[[Any], Any]
+"""A field's check: the value as given -> the value stored (Python types); raises ``_RuleError``."""
 
 
-def _named_paths(fn: str, value: Any, key: str = "eval") -> dict[str, str]:
+class _RuleError(Exception):
+    """A value a rule refuses: ``kind`` is the exception to raise, ``text`` the message's end."""
+
+    def __init__(self, kind: type[Exception], text: str) -> None:
+        super().__init__(text)
+        self.kind, self.text = kind, text
+
+
+def flag_of(name: str) -> str:
+    """How a message names field ``name``: its flag, then its key in a config file.
+
+    Args:
+        name: a field of :class:`RunConfig`.
+
+    Returns:
+        ``"--flag-name (field_name in a config file)"``, the subject of every message of
+        :func:`resolve` about that field.
+
+    Example:
+        >>> flag_of("batch_size")
+        '--batch-size (batch_size in a config file)'
+    """
+    return f"--{name.replace('_', '-')} ({name} in a config file)"
+
+
+def _show(value: Any) -> str:
+    """A value as a message shows it: plain scalars and short lists of them, within 200 chars."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    scalars = (bool, int, float, str, type(None), np.generic)
+    if isinstance(value, str):
+        text = repr(value)
+    elif (
+        isinstance(value, (list, tuple))
+        and len(value) <= 8
+        and all(isinstance(v, scalars) for v in value)
+    ):
+        text = repr([v.item() if isinstance(v, np.generic) else v for v in value])
+    else:
+        text = describe(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, or ``None`` if it is NaN, infinite or too large for one."""
+    try:
+        x = float(value)
+    except OverflowError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+# --- the rules, one kind of value each ---------------------------------------------------------
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise _RuleError(
+        TypeError, f"must be true or false (a boolean, not text or a number), got {_show(value)}"
+    )
+
+
+def _integer(low: int, high: int | None = None) -> Rule:
+    allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+
+    def rule(value: Any) -> int:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise _RuleError(TypeError, f"must be {allowed}, got {_show(value)}")
+        x = int(value)
+        if x < low or (high is not None and x > high):
+            raise _RuleError(ValueError, f"must be {allowed}, got {_show(value)}")
+        return x
+
+    return rule
+
+
+def _number(ok: Callable[[float], bool], allowed: str) -> Rule:
+    """A finite real number (ints and NumPy numbers too, never ``bool``) for which ``ok`` holds."""
+
+    def rule(value: Any) -> float:
+        if not is_real_number(value):
+            raise _RuleError(TypeError, f"must be {allowed}, got {_show(value)}")
+        x = _finite(value)
+        if x is None or not ok(x):
+            raise _RuleError(ValueError, f"must be {allowed}, got {_show(value)}")
+        return x
+
+    return rule
+
+
+def _text(*, empty: bool = False) -> Rule:
+    allowed = "a string" if empty else "a non-empty string"
+
+    def rule(value: Any) -> str:
+        if not isinstance(value, str):
+            raise _RuleError(TypeError, f"must be {allowed}, got {_show(value)}")
+        if not (empty or value):
+            raise _RuleError(ValueError, f"must be {allowed}, got ''")
+        return value
+
+    return rule
+
+
+def _choice(choices: Sequence[str]) -> Rule:
+    allowed = "one of " + ", ".join(choices)
+
+    def rule(value: Any) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise _RuleError(ValueError, f"must be {allowed}, got {_show(value)}")
+        return value
+
+    return rule
+
+
+def _choice_of(name: str) -> Rule:
+    """The choices the field's own metadata lists (the flag's ``choices`` too)."""
+    return _choice(_FIELDS[name].metadata["choices"])
+
+
+def _channels(*, positive: bool) -> Rule:
+    allowed = f"3 finite numbers{' > 0' if positive else ''}, one per RGB channel"
+
+    def rule(value: Any) -> list[float]:
+        if not isinstance(value, (list, tuple)) or not all(is_real_number(v) for v in value):
+            raise _RuleError(TypeError, f"must be {allowed}, got {_show(value)}")
+        xs = [_finite(v) for v in value]
+        if len(xs) != 3 or any(x is None or (positive and x <= 0) for x in xs):
+            raise _RuleError(ValueError, f"must be {allowed}, got {_show(value)}")
+        return [float(v) for v in value]
+
+    return rule
+
+
+def _named_entry(spec: Any) -> tuple[str, str]:
+    """``NAME=DIR`` -> ``(NAME, DIR)``; a bare ``DIR`` is named by its last folder. The text
+    before the first ``=`` is a name only if it holds no path separator (``/data/a=b`` is a DIR)."""
+    if not isinstance(spec, str):
+        raise _RuleError(TypeError, f"entries must be NAME=DIR or DIR strings, got {_show(spec)}")
+    name, eq, path = spec.partition("=")
+    if eq and "/" not in name and os.sep not in name:
+        if not name.strip() or not path:
+            raise _RuleError(ValueError, f"entries must be NAME=DIR, got {spec!r}")
+        return name.strip(), path
+    if not Path(spec).name:
+        raise _RuleError(ValueError, f"entry {spec!r} has no folder name to use; write NAME=DIR")
+    return Path(spec).name, spec
+
+
+def _named_sets(value: Any) -> dict[str, str]:
+    """``{NAME: DIR}`` from a mapping or a list of ``NAME=DIR``; names lose surrounding spaces."""
+    items: list[tuple[str, str]]
     if isinstance(value, Mapping):
-        return {str(k): str(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        out: dict[str, str] = {}
-        for spec in value:
-            name, sep, path = str(spec).partition("=")
-            if not sep:
-                name, path = Path(spec).name, str(spec)
-            if not name or not path:
-                raise ValueError(f"{fn}: {key} entries must be NAME=DIR, got {spec!r}")
-            if name in out:
-                raise ValueError(f"{fn}: {key} names must be unique, got {name!r} twice")
-            out[name] = path
-        return out
-    raise TypeError(
-        f"{fn}: {key} must be a mapping NAME -> DIR or a list of NAME=DIR, got {describe(value)}"
+        items = []
+        for name, path in value.items():
+            if not isinstance(name, str) or not name.strip():
+                kind = ValueError if isinstance(name, str) else TypeError
+                raise _RuleError(kind, f"names must be non-empty strings, got {_show(name)}")
+            if not isinstance(path, str) or not path:
+                raise _RuleError(
+                    TypeError, f"must map each name to a folder, got {_show(path)} for {name!r}"
+                )
+            items.append((name.strip(), path))
+    elif isinstance(value, (list, tuple)):
+        items = [_named_entry(spec) for spec in value]
+    else:
+        raise _RuleError(
+            TypeError,
+            f"must be a mapping NAME: DIR or a list of NAME=DIR strings, got {_show(value)}",
+        )
+    out: dict[str, str] = {}
+    for name, path in items:
+        if name in RESERVED_NAMES:
+            raise _RuleError(
+                ValueError,
+                f"name {name!r} is reserved for the run's own {name} split; choose another",
+            )
+        if name in out:
+            raise _RuleError(ValueError, f"names must be unique, got {name!r} twice")
+        out[name] = path
+    return out
+
+
+def _strengths(value: Any) -> list[float]:
+    """LP-FT's strengths: ``"0.01,0.1,1"``, a list of numbers or one number."""
+    allowed = "a comma-separated list of numbers > 0 such as 0.01,0.1,1"
+    if isinstance(value, str):
+        xs: list[float | None] = []
+        for part in value.split(","):
+            try:
+                xs.append(_finite(part))
+            except ValueError:
+                raise _RuleError(ValueError, f"must be {allowed}, got {_show(value)}") from None
+    elif is_real_number(value):
+        xs = [_finite(value)]
+    elif isinstance(value, (list, tuple)) and value and all(is_real_number(v) for v in value):
+        xs = [_finite(v) for v in value]
+    else:
+        raise _RuleError(TypeError, f"must be {allowed}, got {_show(value)}")
+    if not all(x is not None and x > 0 for x in xs):
+        raise _RuleError(ValueError, f"must be {allowed}, got {_show(value)}")
+    return [x for x in xs if x is not None]
+
+
+def _lp_c(value: Any) -> str:
+    """The field keeps a string: as given, or the numbers of a list joined by commas."""
+    xs = _strengths(value)
+    return value if isinstance(value, str) else ",".join(repr(x) for x in xs)
+
+
+def _device(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _RuleError(TypeError, f"must be {DEVICES}, got {_show(value)}")
+    if not _DEVICE.fullmatch(value):
+        raise _RuleError(ValueError, f"must be {DEVICES}, got {_show(value)}")
+    return value
+
+
+def _templates(value: Any) -> str:
+    allowed = "openai, simple or an existing text file of templates"
+    if not isinstance(value, str):
+        raise _RuleError(TypeError, f"must be {allowed}, got {_show(value)}")
+    if value in ("openai", "simple") or Path(value).expanduser().is_file():
+        return value
+    raise _RuleError(ValueError, f"must be {allowed}, got {value!r} (no such file)")
+
+
+_POSITIVE = _number(lambda x: x > 0, "a finite number > 0")
+_NON_NEGATIVE = _number(lambda x: x >= 0, "a finite number >= 0")
+_FRACTION = _number(lambda x: 0 <= x < 1, "a number in [0, 1)")
+
+_RULES: dict[str, Rule] = {
+    "method": _choice(METHODS),
+    "model": _text(),
+    "pretrained": _text(),
+    "train": _text(empty=True),  # empty: not given (the command then asks for --train)
+    "val": _text(),
+    "val_fraction": _number(lambda x: 0 < x < 1, "a number in (0, 1)"),
+    "eval": _named_sets,
+    "shift": _named_sets,
+    "ood": _named_sets,
+    "ood_reference": _text(),  # which names it may take: _check_together
+    "classnames": _text(),
+    "eval_classes": _choice_of("eval_classes"),
+    "templates": _templates,
+    "skip_bad_images": _boolean,
+    "image_mean": _channels(positive=False),
+    "image_std": _channels(positive=True),
+    "image_resize": _choice_of("image_resize"),
+    "image_interpolation": _choice_of("image_interpolation"),
+    "output": _text(),
+    "steps": _integer(1),
+    "epochs": _POSITIVE,
+    "batch_size": _integer(1),
+    "accumulation": _integer(1),
+    "optimizer": _choice_of("optimizer"),
+    "lr": _POSITIVE,
+    "weight_decay": _NON_NEGATIVE,
+    "momentum": _FRACTION,
+    "warmup": _FRACTION,
+    "schedule": _choice_of("schedule"),
+    "grad_clip": _POSITIVE,
+    "average": _choice_of("average"),
+    "ema_decay": _number(lambda x: 0 <= x <= 1, "a number in [0, 1]"),
+    "bma_beta": _POSITIVE,
+    "margin": _NON_NEGATIVE,
+    "reg_weight": _NON_NEGATIVE,
+    "temperature": _POSITIVE,
+    "lipsum_texts": _integer(1),
+    "lipsum_length": _integer(1),
+    "trade_off": _NON_NEGATIVE,
+    "prompt": _text(),
+    "lp_c": _lp_c,
+    "score": _choice(SCORES),
+    "tpr": _number(lambda x: 0 < x <= 1, "a number in (0, 1]"),
+    "eval_every": _integer(0),
+    "select": _choice_of("select"),
+    "seed": _integer(0, 2**63 - 1),
+    "precision": _choice_of("precision"),
+    "device": _device,
+    "distributed": _choice_of("distributed"),
+    "workers": _integer(0),
+    "log_every": _integer(1),
+    "save_every": _integer(0),
+    "progress": _boolean,
+    "collective_timeout": _POSITIVE,
+    "nonfinite": _choice_of("nonfinite"),
+}
+"""Every field's check, one rule per field (``None`` is never checked: it means unset)."""
+
+
+def _check_field(fn: str, name: str, value: Any) -> Any:
+    """Field ``name``'s value as stored, or the one-line error naming its flag."""
+    try:
+        return _RULES[name](value)
+    except _RuleError as bad:
+        raise bad.kind(f"{fn}: {flag_of(name)} {bad.text}") from None
+
+
+def lp_strengths(lp_c: Any) -> list[float]:
+    """LP-FT's logistic-regression strengths (``RunConfig.lp_c``) as numbers.
+
+    Args:
+        lp_c: ``"0.01,0.1,1"``, a list of numbers or one number.
+
+    Returns:
+        The strengths, in the order given.
+
+    Raises:
+        TypeError: ``lp_c`` is neither text nor numbers.
+        ValueError: an entry is not a finite number > 0, or there is none (``","``).
+
+    Example:
+        >>> lp_strengths("0.01,0.1, 1")
+        [0.01, 0.1, 1.0]
+    """
+    try:
+        return _strengths(lp_c)
+    except _RuleError as bad:
+        raise bad.kind(f"resolve: {flag_of('lp_c')} {bad.text}") from None
+
+
+def _unknown_keys(fn: str, unknown: Sequence[Any]) -> str:
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key).replace("-", "_"), list(_FIELDS), n=2)
+        parts.append(f"{key!r}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+    return (
+        f"{fn}: unknown configuration key{'s' if len(unknown) > 1 else ''} {', '.join(parts)}; "
+        "the keys are the names of the flags of robustft finetune --help, with _ for -"
     )
 
 
 def resolve(overrides: Mapping[str, Any], *, method: str | None = None) -> RunConfig:
     """Build the resolved configuration: generic defaults < method defaults < ``overrides``.
+
+    Every value is checked as its flag is (``_RULES``: booleans only ``True``/``False``,
+    integers only integers, numbers finite), then the fields that depend on each other: a set
+    name is used once over ``eval``, ``shift`` and ``ood``, ``ood_reference`` names ``val`` or an
+    ``eval``/``shift`` set, ``batch_size`` splits into ``accumulation`` micro-steps, ``select``
+    ``best`` needs ``eval_every``. ``resolve(config.to_json())`` gives ``config`` back.
 
     Args:
         overrides: field values set by the user (flags and/or a file); ``None`` values are unset.
@@ -253,8 +607,10 @@ def resolve(overrides: Mapping[str, Any], *, method: str | None = None) -> RunCo
         The :class:`RunConfig` with every per-method default filled in.
 
     Raises:
-        ValueError: on an unknown field, an unknown method or choice, or an out-of-range value.
-        TypeError: on a value of the wrong type.
+        ValueError: on an unknown field (with close matches), an unknown method or choice, an
+            out-of-range value, or fields that contradict each other; the message names the
+            flag, e.g. ``resolve: --lr (lr in a config file) must be a finite number > 0, got 0``.
+        TypeError: on a value of the wrong type (``'no'`` for a boolean, ``2.5`` for an integer).
 
     Example:
         >>> config = resolve({"train": "data/train", "lr": 3e-5}, method="clipood")
@@ -262,148 +618,226 @@ def resolve(overrides: Mapping[str, Any], *, method: str | None = None) -> RunCo
         ('adamw', 3e-05, 0.1, 'bma', 36)
     """
     fn = "resolve"
-    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(overrides) - set(fields))
+    if not isinstance(overrides, Mapping):
+        raise TypeError(
+            f"{fn}: overrides must be a mapping of field names to values, got {describe(overrides)}"
+        )
+    unknown = [k for k in overrides if k not in _FIELDS]
     if unknown:
-        raise ValueError(f"{fn}: unknown configuration keys {unknown}; known: {sorted(fields)}")
+        raise ValueError(_unknown_keys(fn, unknown))
     given = {k: v for k, v in overrides.items() if v is not None}
-    name = given.pop("method", None) or method or "ft"
-    if name not in METHODS:
-        raise ValueError(f"{fn}: method must be one of {', '.join(METHODS)}, got {name!r}")
+    name = _check_field(fn, "method", given.pop("method", method if method is not None else "ft"))
     defaults = dict(METHOD_DEFAULTS[name])
     if "epochs" in given or "steps" in given:  # a length the user gives replaces the default's
         defaults.pop("steps", None)
         defaults.pop("epochs", None)
-    values: dict[str, Any] = {**defaults, **given, "method": name}
-    for key, value in values.items():  # NumPy numbers -> Python (config.json stays JSON)
-        if key in _FLOATS and is_real_number(value) and type(value) not in (int, float):
-            values[key] = float(value)
-        elif key in _INTS and is_real_number(value) and hasattr(value, "__index__"):
-            values[key] = int(value)  # NumPy integers; a float such as 2.0 is refused below
-    if "epochs" in values and is_real_number(values["epochs"]):
-        values["epochs"] = float(values["epochs"])
-    for key in NAMED_SETS:
-        if key in values:
-            values[key] = _named_paths(fn, values[key], key)
-    config = RunConfig(**values)
-    _validate(fn, config, fields)
-    return config
-
-
-_FLOATS = frozenset(
-    f.name for f in dataclasses.fields(RunConfig) if str(f.type).split("|")[0].strip() == "float"
-)
-_INTS = frozenset(
-    f.name for f in dataclasses.fields(RunConfig) if str(f.type).split("|")[0].strip() == "int"
-)
-
-
-def _validate(fn: str, c: RunConfig, fields: Mapping[str, dataclasses.Field[Any]]) -> None:
-    for name, f in fields.items():
-        value = getattr(c, name)
-        choices = f.metadata.get("choices")
-        if choices and value is not None and value not in choices:
-            raise ValueError(f"{fn}: {name} must be one of {', '.join(choices)}, got {value!r}")
-    if c.score is not None and c.score not in SCORES:
-        raise ValueError(f"{fn}: score must be one of {', '.join(SCORES)}, got {c.score!r}")
-    positive_ints = ("batch_size", "accumulation", "lipsum_texts", "lipsum_length", "log_every")
-    for name in ("steps", *positive_ints):
-        value = getattr(c, name)
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value < 1
-        ):
-            raise ValueError(f"{fn}: {name} must be an integer >= 1, got {value!r}")
-    for name in ("workers", "save_every", "eval_every", "seed"):
-        value = getattr(c, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{fn}: {name} must be an integer >= 0, got {value!r}")
-    if c.steps is None and c.epochs is None:
-        raise ValueError(f"{fn}: one of steps or epochs must be set, got neither")
-    if c.epochs is not None and not (is_real_number(c.epochs) and 0 < c.epochs < math.inf):
-        raise ValueError(f"{fn}: epochs must be a positive number, got {c.epochs!r}")
-    checks = {
-        "lr": (c.lr, lambda v: v > 0, "> 0"),
-        "weight_decay": (c.weight_decay, lambda v: v >= 0, ">= 0"),
-        "momentum": (c.momentum, lambda v: 0 <= v < 1, "in [0, 1)"),
-        "warmup": (c.warmup, lambda v: 0 <= v < 1, "in [0, 1)"),
-        "val_fraction": (c.val_fraction, lambda v: 0 < v < 1, "in (0, 1)"),
-        "ema_decay": (c.ema_decay, lambda v: 0 <= v <= 1, "in [0, 1]"),
-        "bma_beta": (c.bma_beta, lambda v: v > 0, "> 0"),
-        "tpr": (c.tpr, lambda v: 0 < v <= 1, "in (0, 1]"),
-        "temperature": (c.temperature, lambda v: v > 0, "> 0"),
-        "grad_clip": (c.grad_clip, lambda v: v > 0, "> 0"),
-        "reg_weight": (c.reg_weight, lambda v: v >= 0, ">= 0"),
-        "margin": (c.margin, lambda v: v >= 0, ">= 0"),
-        "trade_off": (c.trade_off, lambda v: v >= 0, ">= 0"),
+    values: dict[str, Any] = {**dataclasses.asdict(RunConfig()), **defaults, **given}
+    values["method"] = name
+    checked: dict[str, Any] = {
+        k: None if v is None else _check_field(fn, k, v) for k, v in values.items()
     }
-    for name, (value, ok, allowed) in checks.items():
-        if value is None:
-            continue
-        if not is_real_number(value) or not math.isfinite(value):
-            raise TypeError(f"{fn}: {name} must be a finite number, got {describe(value)}")
-        if not ok(value):
-            raise ValueError(f"{fn}: {name} must be {allowed}, got {value!r}")
-    if c.select == "best" and not c.eval_every:
+    _check_together(fn, checked)
+    return RunConfig(**checked)
+
+
+def _check_together(fn: str, c: Mapping[str, Any]) -> None:
+    """The checks of fields that depend on each other (each field alone is already valid)."""
+    if c["select"] == "best" and not c["eval_every"]:
         raise ValueError(
-            f"{fn}: select 'best' picks weights on the validation split every eval_every steps; "
-            f"set eval_every >= 1, got {c.eval_every}"
+            f"{fn}: {flag_of('select')} is best, which picks the weights on the validation split "
+            f"every --eval-every steps; set --eval-every >= 1, got {c['eval_every']}"
         )
-    if c.templates not in ("openai", "simple") and not Path(c.templates).expanduser().is_file():
+    if c["batch_size"] is not None and c["batch_size"] % c["accumulation"]:
         raise ValueError(
-            f"{fn}: templates must be openai, simple or an existing text file of templates, got "
-            f"{c.templates!r} (no such file)"
+            f"{fn}: {flag_of('batch_size')} must be a multiple of --accumulation, got "
+            f"{c['batch_size']} and --accumulation {c['accumulation']}"
         )
-    if c.batch_size is not None and c.batch_size % c.accumulation:
+    owner: dict[str, str] = {}
+    for key in NAMED_SETS:
+        for name in c[key]:
+            if name in owner:
+                raise ValueError(
+                    f"{fn}: {flag_of(key)} name {name!r} is already the name of a --{owner[name]} "
+                    "set; give every evaluation set its own name"
+                )
+            owner[name] = key
+    ref = c["ood_reference"]
+    known = [*c["eval"], *c["shift"]]
+    has_val = bool(c["val"]) or c["method"] in SUPERVISED  # supervised runs hold one out
+    if ref is not None and ref != "val" and ref not in known:
+        why = " (an --ood set has no known images)" if ref in c["ood"] else ""
         raise ValueError(
-            f"{fn}: batch_size must be a multiple of accumulation, got batch_size "
-            f"{c.batch_size} and accumulation {c.accumulation}"
+            f"{fn}: {flag_of('ood_reference')} must be val or the name of an --eval or --shift "
+            f"set ({', '.join(known) or 'none given'}), got {ref!r}{why}"
         )
+    if c["ood"] and (ref == "val" or (ref is None and not known)) and not has_val:
+        raise ValueError(
+            f"{fn}: {flag_of('ood')} sets are scored against the known images of "
+            f"--ood-reference ({ref or 'val'} by default here), but {c['method']} has no "
+            "validation split without --val; give --val DIR, or an --eval/--shift set and name "
+            "it with --ood-reference"
+        )
+
+
+# --- configuration files -----------------------------------------------------------------------
+
+
+class _DuplicateKeyError(Exception):
+    """A JSON object with the same key twice."""
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKeyError(key)
+        out[key] = value
+    return out
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (``.yaml``/``.yml``) or JSON configuration file into a dict of fields.
 
+    Keys may be written as the fields (``batch_size``) or as the flags (``batch-size``); both
+    come back as the field's name. Values are returned as read: :func:`resolve` checks them.
+    YAML is read with YAML 1.2's scalars (``1e-5`` is a number; only ``true``/``false`` are
+    booleans; dates are strings) and a safe loader (no tags that build objects).
+
+    Args:
+        path: the file.
+
+    Returns:
+        ``{field: value}`` as written in the file.
+
     Raises:
         FileNotFoundError: if the file does not exist.
-        ValueError: if it is not a mapping, or has an unsupported suffix.
+        ValueError: in one line naming the file: a directory or other non-regular file, a
+            suffix other than ``.json``/``.yaml``/``.yml``, an unreadable or non-UTF-8 file,
+            malformed YAML or JSON (with the line and column), a key given twice (also once
+            with dashes and once with underscores), a key that is not text, or a top level
+            that is not a mapping.
 
     Example:
         >>> import tempfile, pathlib
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "run.json"
-        >>> _ = p.write_text('{"method": "clipood", "lr": 1e-05}')
+        >>> _ = p.write_text('{"method": "clipood", "lr": 1e-05, "batch-size": 32}')
         >>> load_config_file(p)
-        {'method': 'clipood', 'lr': 1e-05}
+        {'method': 'clipood', 'lr': 1e-05, 'batch_size': 32}
     """
     fn = "load_config_file"
     p = Path(path)
+    where = f"{fn}: config file {str(p)!r}"
+    if not p.exists():
+        raise FileNotFoundError(f"{where} does not exist")
+    if p.is_dir():
+        raise ValueError(f"{where} is a directory; give a .yaml, .yml or .json file")
     if not p.is_file():
-        raise FileNotFoundError(f"{fn}: config file {str(p)!r} does not exist")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix in (".yaml", ".yml"):
-        data = _yaml_load(text)
-    elif p.suffix == ".json":
-        data = json.loads(text)
-    else:
+        raise ValueError(f"{where} is not a regular file; give a .yaml, .yml or .json file")
+    if p.suffix not in (".json", ".yaml", ".yml"):
         raise ValueError(f"{fn}: config file must end in .json, .yaml or .yml, got {str(p)!r}")
+    try:
+        raw = p.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{where} cannot be read: {err.strerror or err}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{where} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); save it "
+            "as UTF-8"
+        ) from None
+    data = _parse_yaml(where, text) if p.suffix != ".json" else _parse_json(where, text)
     if not isinstance(data, dict):
-        raise ValueError(f"{fn}: config file must hold a mapping of fields, got {describe(data)}")
-    return data
+        got = "an empty file" if data is None else describe(data)
+        raise ValueError(f"{where} must hold a mapping of fields (key: value), got {got}")
+    return _field_keys(where, data)
 
 
-def _yaml_load(text: str) -> Any:
-    """``yaml.safe_load`` with YAML 1.2's floats: ``1e-5`` is a number (PyYAML's YAML 1.1 reads a
-    string), as users write learning rates."""
-    import re
+def _parse_json(where: str, text: str) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=_unique_pairs)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{where} is not valid JSON: line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from None
+    except _DuplicateKeyError as err:
+        raise ValueError(
+            f"{where} has the key {err.args[0]!r} twice in one object; keep one"
+        ) from None
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply to be a configuration") from None
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        raise ValueError(
+            f"{where} is not a usable JSON file: {' '.join(str(err).split())}"
+        ) from None
 
+
+def _parse_yaml(where: str, text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader())  # a SafeLoader subclass: no objects
+    except yaml.YAMLError as err:
+        raise ValueError(f"{where} is not valid YAML: {_yaml_problem(err, text)}") from None
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply to be a configuration") from None
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        raise ValueError(
+            f"{where} is not a usable YAML file: {' '.join(str(err).split())}"
+        ) from None
+
+
+def _yaml_problem(err: Exception, text: str) -> str:
+    """``line L, column C: problem (context)`` of a PyYAML error, in one line."""
+    import yaml
+
+    if isinstance(err, yaml.reader.ReaderError):
+        line = text.count("\n", 0, err.position) + 1
+        column = err.position - text.rfind("\n", 0, err.position)
+        return f"line {line}, column {column}: {err.reason} (character #x{err.character:04x})"
+    assert isinstance(err, yaml.MarkedYAMLError)  # the loader's other errors
+    mark = err.problem_mark or err.context_mark
+    problem = err.problem or err.context or "malformed"
+    context = f" ({err.context})" if err.context and err.problem else ""
+    at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return " ".join(f"{at}{problem}{context}".split())
+
+
+@functools.cache
+def _yaml_loader() -> type[Any]:
+    """PyYAML's SafeLoader with YAML 1.2's booleans and floats, no timestamps, unique keys."""
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = key in first
+                except TypeError:  # unhashable: SafeLoader refuses it with its own mark
+                    continue
+                if seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice (first on line {first[key]})",
+                        key_node.start_mark,
+                    )  # fmt: skip
+                first[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
 
+    replaced = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp")
     Loader.yaml_implicit_resolvers = {
-        k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+        k: [(tag, rx) for tag, rx in v if tag not in replaced]
         for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:bool",
+        re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+        list("tTfF"),
+    )
     float_re = re.compile(
         r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
         |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
@@ -413,4 +847,24 @@ def _yaml_load(text: str) -> Any:
         re.X,
     )
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", float_re, list("-+0123456789."))
-    return yaml.load(text, Loader=Loader)  # a SafeLoader subclass: no arbitrary objects
+    return Loader
+
+
+def _field_keys(where: str, data: Mapping[Any, Any]) -> dict[str, Any]:
+    """The file's keys as field names (``batch-size`` -> ``batch_size``); unknown keys stay."""
+    out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise ValueError(
+                f"{where} has a key that is not text, {_show(key)}; the keys are field names "
+                "such as batch_size"
+            )
+        name = key.replace("-", "_")
+        name = name if name in _FIELDS else key
+        if name in out:
+            raise ValueError(
+                f"{where} sets {name} twice, as {spelled[name]!r} and {key!r}; keep one"
+            )
+        out[name], spelled[name] = value, key
+    return out

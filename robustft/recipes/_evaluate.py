@@ -2,10 +2,12 @@
 
 A classifier is a tree ``{"visual.*": ..., "head": [classes, dim]}``; it is loaded into one
 evaluation replica of the visual tower per process and run under ``torch.no_grad`` over each
-set. Under torchrun each rank evaluates its ``DistributedSampler`` share and
-:class:`robustft.metrics.Evaluation` gathers the per-sample scalars with the samples' dataset
-indices, so the padding the sampler adds to even the ranks out is counted once: the metrics
-equal a single process's.
+set. Under torchrun rank ``r`` of ``W`` evaluates the samples ``r, r + W, r + 2W, ...`` (no
+padding: with fewer samples than ranks, some ranks have none) and
+:class:`robustft.metrics.Evaluation` gathers every rank's per-sample scalars with their dataset
+indices: the metrics equal a single process's. Every rank reaches the same collectives in the
+same order whatever its share, an empty one included, and a failure that depends only on the
+data (an empty set) is raised by every rank alike.
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
 
 from robustft import metrics, scores
 from robustft.recipes._nets import FrozenClassifier
-from robustft.recipes._runtime import Runtime, autocast
+from robustft.recipes._runtime import Runtime, autocast, quiet_worker
 
 __all__ = ["Evaluator", "format_summary", "score_function", "threshold_at_tpr"]
 
@@ -118,27 +119,25 @@ class Evaluator:
             )
 
     def _loader(self, dataset: Dataset[Any], shard: bool) -> DataLoader[Any]:
-        sampler: DistributedSampler[Any] | None = None
-        if shard and self.runtime.world > 1:
-            sampler = DistributedSampler(
-                dataset,
-                num_replicas=self.runtime.world,
-                rank=self.runtime.rank,
-                shuffle=False,
-                drop_last=False,
-            )
+        """The set's batches, or with ``shard`` under several ranks this rank's strided share
+        (``rank, rank + world, ...``; empty when the set has fewer samples than ranks)."""
+        rt = self.runtime
+        n = len(dataset)  # type: ignore[arg-type]
+        order = range(rt.rank, n, rt.world) if shard and rt.world > 1 else range(n)
         return DataLoader(
             _Indexed(dataset),
             batch_size=self.batch_size,
-            sampler=sampler,
-            shuffle=False,
+            sampler=order,
             num_workers=self.workers,
-            pin_memory=self.runtime.device.type == "cuda",
+            pin_memory=rt.device.type == "cuda",
+            worker_init_fn=quiet_worker if self.workers else None,
         )
 
     def _pass(self, dataset: Dataset[Any]) -> tuple[Tensor, Tensor, Tensor]:
-        """Features, logits (float32, CPU) and labels of the whole set, on this process."""
-        fs, zs, ys = [], [], []
+        """Features ``[n, dim]``, logits ``[n, classes]`` (float32, CPU) and labels ``[n]`` of the
+        whole set, on this process (``n`` may be 0)."""
+        classes, dim = self.replica.head.shape
+        fs, zs, ys = [torch.empty(0, dim)], [torch.empty(0, classes)], [torch.empty(0).long()]
         for images, labels, _ in self._loader(dataset, shard=False):
             with autocast(self.runtime):
                 f, z = self.replica(images.to(self.runtime.device, non_blocking=True))
@@ -193,7 +192,14 @@ class Evaluator:
 
         ``classes`` restricts the prediction to those class indices (the other logits are set to
         ``-inf``), as the ImageNet-R/-A protocols score 200 of the 1000 classes; ``None`` keeps all.
+        A rank whose share is empty (fewer samples than ranks) takes part in the same
+        collectives; the metrics are those of one process.
+
+        Raises:
+            ValueError: on every rank, if the set has no sample.
         """
+        if len(dataset) == 0:  # type: ignore[arg-type]  # every rank alike, before any collective
+            raise ValueError("Evaluator.evaluate: the set must hold at least one image, got none")
         group = self.runtime.group if self.runtime.world > 1 else None
         evaluation = metrics.Evaluation(
             score=self.score, threshold=threshold, device="cpu", group=group

@@ -15,6 +15,7 @@ Each job reads image folders, loads the open_clip model, runs the method through
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,7 +28,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from robustft import clip, distributed, losses, merging, metrics, projections
 from robustft.recipes import _checkpoint as ckpt
 from robustft.recipes import _runfolder as run
-from robustft.recipes._config import SUPERVISED, UNSUPERVISED, RunConfig
+from robustft.recipes._config import SUPERVISED, UNSUPERVISED, RunConfig, lp_strengths
 from robustft.recipes._data import FolderDataset, class_names, holdout
 from robustft.recipes._evaluate import Evaluator, format_summary, threshold_at_tpr
 from robustft.recipes._loop import TrainResult, check_split, train
@@ -98,6 +99,7 @@ class Data(NamedTuple):
     folders: list[str]
     names: list[str]
     ood: Mapping[str, Dataset[Any]]
+    train_eval: Dataset[Any]
     facts: dict[str, dict[str, Any]]
     skipped: dict[str, int]
 
@@ -128,6 +130,7 @@ def load_data(config: RunConfig, bundle: ClipBundle, *, supervised: bool) -> Dat
 
     train_ds = folder(config.train, "train", bundle.train_transform)
     val: Dataset[Any] | None
+    train_used: Dataset[Any]
     if supervised and not train_ds.known:
         raise ValueError(
             f"{fn}: --train {config.train!r} must hold only the classes of the class names for "
@@ -136,6 +139,8 @@ def load_data(config: RunConfig, bundle: ClipBundle, *, supervised: bool) -> Dat
         )
     facts = {"train": _facts(train_ds, config.train)}
     skipped = {"train": len(train_ds.skipped)}
+    plain = copy.copy(train_ds)  # the same images (read once) with the eval transform
+    plain.transform = bundle.eval_transform
     if config.val:
         val_ds = folder(config.val, "val", bundle.eval_transform, require_known=True)
         facts["val"] = _facts(val_ds, config.val)
@@ -144,7 +149,7 @@ def load_data(config: RunConfig, bundle: ClipBundle, *, supervised: bool) -> Dat
     elif supervised:
         keep, held = holdout(train_ds.targets, config.val_fraction, seed=config.seed)
         train_used = Subset(train_ds, keep)
-        val = Subset(folder(config.train, "val", bundle.eval_transform), held)
+        val = Subset(plain, held)
     else:  # unsupervised: no labels to validate on unless a --val folder is given
         train_used, val = train_ds, None
     evals: dict[str, Dataset[Any]] = {}
@@ -165,7 +170,8 @@ def load_data(config: RunConfig, bundle: ClipBundle, *, supervised: bool) -> Dat
             ds = folder(path, name, bundle.eval_transform, ood=True)
             skipped[name] = len(ds.skipped)
             ood[name] = ConcatDataset([base, ds])
-    return Data(train_used, val, evals, folders, names, ood, facts, skipped)
+    train_eval = Subset(plain, keep) if isinstance(train_used, Subset) else plain
+    return Data(train_used, val, evals, folders, names, ood, train_eval, facts, skipped)
 
 
 HELDOUT_TEXT_SEED = 987_654_321
@@ -291,7 +297,7 @@ def _confidence(prep: Prepared, config: RunConfig, text: Tensor) -> Tensor:
     gathered, so every rank holds the same ``[n]`` tensor.
     """
     rt = prep.runtime
-    plain = _eval_view(prep, config)
+    plain = prep.data.train_eval
     n = len(plain)  # type: ignore[arg-type]
     mine = list(range(rt.rank, n, rt.world))
     prep.evaluator.load(_zero_shot_tree(prep.bundle, text))
@@ -681,26 +687,13 @@ def _linear_probe(prep: Prepared, config: RunConfig) -> tuple[Tensor, dict[str, 
         raise ValueError("lp-ft: needs a validation split to choose the probe's regularisation")
     ev = prep.evaluator
     ev.load(_zero_shot_tree(prep.bundle, prep.head))  # the pre-trained tower's features
-    x, y = ev.features_and_labels(_eval_view(prep, config))
+    x, y = ev.features_and_labels(prep.data.train_eval)
     xv, yv = ev.features_and_labels(prep.data.val)
-    strengths = [float(c) for c in str(config.lp_c).split(",") if c.strip()]
+    strengths = lp_strengths(config.lp_c)
     head, c, scores = fit_linear_head(
         x, y, xv, yv, strengths=strengths, scale=prep.scale, classes=len(prep.data.names)
     )
     return head, {"linear_probe": {"C": c, "val_accuracy": scores}}
-
-
-def _eval_view(prep: Prepared, config: RunConfig) -> Dataset[Any]:
-    """The training images with the eval transform (same subset as the training split)."""
-    plain = FolderDataset(
-        config.train,
-        prep.data.folders,
-        prep.bundle.eval_transform,
-        name="train",
-        skip_bad_images=config.skip_bad_images,
-    )
-    train = prep.data.train
-    return Subset(plain, list(train.indices)) if isinstance(train, Subset) else plain
 
 
 def _load_weights(prep: Prepared, config: RunConfig, path: Path) -> dict[str, Tensor]:

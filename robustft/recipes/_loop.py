@@ -6,18 +6,44 @@ augmentation runs under a generator seeded from ``(seed, step, position)``. So a
 from a checkpoint at step ``k`` sees exactly the batches, augmentations, random texts and
 learning rates of an uninterrupted run, and ``N`` ranks together see exactly the global batch
 one process sees (rank ``r`` takes its slice of every global batch).
+
+**Stopping.** At the end of every optimiser step, before the optimiser applies it, the ranks
+agree in one small collective (one host synchronisation on one process) on two things:
+
+- *Interrupts.* While :func:`train` runs it handles SIGINT (Ctrl-C) and SIGTERM (what
+  schedulers and torchrun's agent send) in the main thread: the handler only records the
+  signal. At the next step boundary every rank finishes that step (its update, log line,
+  validation and checkpoint when due), saves the checkpoint (with a run folder) and raises
+  :class:`Interrupted` -- the same step on every rank, whichever rank got the signal. A second
+  signal while stopping aborts at once: the previous handler runs (``KeyboardInterrupt`` for
+  SIGINT, the default action -- the end of the process -- for SIGTERM); the checkpoint on disk
+  is then the previous one, intact (its writes are atomic). Under torchrun the agent forwards
+  a signal to every worker once, then kills them 30 s later: a step and a save must fit in that.
+  The previous handlers are restored when :func:`train` returns or raises; in another thread
+  no handler is installed. DataLoader workers ignore both signals
+  (:func:`robustft.recipes._runtime.quiet_worker`).
+- *Non-finite steps.* A loss (or, with ``--grad-clip``, a gradient norm) that is NaN or
+  infinite on any rank stops the run at that step by default (``nonfinite="stop"``), before
+  its update, raising :class:`NonFiniteLoss`; with ``nonfinite="skip"`` the step's update is
+  dropped (no optimiser or average update; the learning-rate schedule still advances) and
+  counted (``nonfinite_steps``). Weights are checked before every checkpoint, before
+  ``best.safetensors`` and at the end, so non-finite weights are never written or returned.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from types import FrameType
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -25,9 +51,18 @@ from robustft import averaging
 from robustft.recipes import _checkpoint as ckpt
 from robustft.recipes._config import RunConfig
 from robustft.recipes._methods import Method, trained_tree
-from robustft.recipes._runtime import Runtime, autocast, no_sync, wrap
+from robustft.recipes._runfolder import RunError
+from robustft.recipes._runtime import Agreed, Runtime, autocast, no_sync, quiet_worker, wrap
 
-__all__ = ["Plan", "TrainResult", "lr_factor", "plan", "train"]
+__all__ = [
+    "Interrupted",
+    "NonFiniteLoss",
+    "Plan",
+    "TrainResult",
+    "lr_factor",
+    "plan",
+    "train",
+]
 
 
 class Plan(NamedTuple):
@@ -45,14 +80,15 @@ def plan(config: RunConfig, dataset_size: int, world: int) -> Plan:
 
     Raises:
         ValueError: if the global batch does not split evenly over ``world * accumulation`` or
-            exceeds the dataset.
+            exceeds the dataset (the message names the flag, ``--batch-size``). Every rank
+            raises the same error: it depends only on the arguments.
     """
-    fn = "plan"
     batch = config.batch_size or 1
-    parts = check_split(fn, batch, world, config.accumulation)
+    parts = check_split(None, batch, world, config.accumulation)
     if batch > dataset_size:
         raise ValueError(
-            f"{fn}: batch_size must be at most the training set's {dataset_size} samples, got {batch}"
+            f"--batch-size (batch_size): must be at most the training set's {dataset_size} "
+            f"samples, got {batch} — lower --batch-size or add training images"
         )
     per_epoch = dataset_size // batch
     steps = (
@@ -63,13 +99,28 @@ def plan(config: RunConfig, dataset_size: int, world: int) -> Plan:
     return Plan(steps, batch, batch // parts, config.accumulation, per_epoch)
 
 
-def check_split(fn: str, batch_size: int, world: int, accumulation: int) -> int:
-    """The number of parts the global batch splits into (ranks x micro-steps); raises if uneven."""
+def check_split(fn: str | None, batch_size: int, world: int, accumulation: int) -> int:
+    """The number of parts the global batch splits into (ranks x micro-steps).
+
+    Args:
+        fn: a prefix for the message (``None``: the message starts with the flag).
+        batch_size: the global batch.
+        world: the number of ranks.
+        accumulation: micro-steps per optimiser step.
+
+    Returns:
+        ``world * accumulation``.
+
+    Raises:
+        ValueError: if ``batch_size`` is not a multiple of it (the message names
+            ``--batch-size``).
+    """
     parts = world * accumulation
     if batch_size % parts:
+        where = f"{fn}: " if fn else ""
         raise ValueError(
-            f"{fn}: batch_size must be a multiple of world size x accumulation = {parts}, "
-            f"got {batch_size}"
+            f"{where}--batch-size (batch_size): must be a multiple of the number of ranks x "
+            f"--accumulation = {world} x {accumulation} = {parts}, got {batch_size}"
         )
     return parts
 
@@ -168,13 +219,93 @@ class TrainResult(NamedTuple):
         best: the exported classifier selected on validation (``select="best"``), or ``None``.
         history: the logged metrics, one dict per log line.
         seconds: wall time of the optimisation.
+        nonfinite_steps: optimiser steps skipped for a non-finite loss (``nonfinite="skip"``);
+            after a resume, rank 0 also counts those of the log lines before the checkpoint.
     """
 
     last: dict[str, Tensor]
     averaged: dict[str, Tensor] | None
     best: dict[str, Tensor] | None
-    history: list[dict[str, float]]
+    history: list[dict[str, Any]]
     seconds: float
+    nonfinite_steps: int = 0
+
+
+class Interrupted(Agreed, BaseException):
+    """SIGINT or SIGTERM stopped :func:`train` at a step boundary, after saving the checkpoint.
+
+    Every rank raises it at the same step. A :class:`BaseException`, like the
+    ``KeyboardInterrupt`` it replaces: an ``except Exception`` around a run (a retry loop, a
+    logging wrapper) must not swallow a request to stop.
+
+    Args:
+        signum: the signal (``signal.SIGINT`` or ``signal.SIGTERM``; under several ranks the
+            largest number any rank received).
+        step: the optimiser steps completed, which the checkpoint holds.
+        checkpoint: the checkpoint saved (``checkpoint.pt`` or ``checkpoint.dcp``), or ``None``
+            without a run folder.
+
+    Attributes:
+        exit_status: ``128 + signum`` (130 for SIGINT, 143 for SIGTERM), the shell's convention.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        name = signal.Signals(signum).name
+        saved = f"; saved {checkpoint}" if checkpoint is not None else "; nothing saved"
+        super().__init__(f"stopped by {name} at step {step}{saved}")
+        self.signum, self.step, self.checkpoint = int(signum), int(step), checkpoint
+        self.exit_status = 128 + int(signum)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.signum, self.step, self.checkpoint))
+
+
+class NonFiniteLoss(Agreed, RunError):  # noqa: N818 (the name the command line documents)
+    """A NaN or infinite loss (or gradient norm, or weights) stopped :func:`train` at a step.
+
+    Raised on every rank at the same step, before that step's update is applied, so the last
+    checkpoint saved holds finite weights (non-finite weights are never written). A
+    :class:`~robustft.recipes._runfolder.RunError`: the command prints its one line and exits
+    with status 1.
+
+    Args:
+        step: the optimiser step (1-based, as the log lines count) whose loss was non-finite.
+        checkpoint: the last checkpoint saved (the last good one), or ``None``.
+        checkpoint_step: the step that checkpoint holds.
+        what: what was non-finite (``"loss (nan)"``, ``"gradient norm (inf)"``, ``"weights"``).
+    """
+
+    def __init__(
+        self,
+        step: int,
+        checkpoint: Path | None,
+        *,
+        checkpoint_step: int | None = None,
+        what: str = "loss",
+    ):
+        if checkpoint is None:
+            good = "no checkpoint was saved before it"
+        else:
+            at = f" (step {checkpoint_step})" if checkpoint_step is not None else ""
+            good = f"the last good checkpoint is {checkpoint}{at}"
+        super().__init__(
+            f"non-finite {what} at step {step}; {good} — to continue, lower --lr, set "
+            f"--grad-clip, or pass --nonfinite skip to skip such steps"
+        )
+        self.step, self.checkpoint = int(step), checkpoint
+        self.checkpoint_step, self.what = checkpoint_step, what
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _nonfinite,
+            (self.step, self.checkpoint, self.checkpoint_step, self.what),
+        )
+
+
+def _nonfinite(
+    step: int, checkpoint: Path | None, checkpoint_step: int | None, what: str
+) -> NonFiniteLoss:
+    return NonFiniteLoss(step, checkpoint, checkpoint_step=checkpoint_step, what=what)
 
 
 def make_averager(config: RunConfig, steps: int) -> averaging.Averager | None:
@@ -211,7 +342,7 @@ def make_optimizer(module: nn.Module, config: RunConfig) -> torch.optim.Optimize
     """AdamW or SGD over the module's trainable parameters (``config.lr`` is the peak rate)."""
     groups = _param_groups(module, config.weight_decay or 0.0)
     if not groups:
-        raise ValueError(f"make_optimizer: method {config.method!r} has no trainable parameters")
+        raise ValueError(f"--method {config.method}: the method has no trainable parameters")
     lr = config.lr or 0.0
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=config.momentum)
@@ -237,6 +368,75 @@ class _Swap:
                 p.copy_(self.saved[name])
 
 
+class _Stop:
+    """The first SIGINT/SIGTERM received while :func:`train` runs (``signum`` 0: none).
+
+    A context manager: installs its handler for both signals in the main thread (elsewhere
+    Python forbids it, and nothing is installed) and restores the previous handlers on exit. A
+    second signal restores them at once and hands the signal to the previous handler
+    (``KeyboardInterrupt`` for SIGINT; the default action, the end of the process, for SIGTERM).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self.previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self.signum:
+            self.signum = signum  # stop at the next step boundary
+            return
+        previous = self.previous.get(signum)
+        self._restore()  # a second signal: abort now
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.raise_signal(signum)
+
+
+def _agree(bad: Tensor, signum: int, runtime: Runtime) -> tuple[bool, int]:
+    """Whether a step was non-finite on any rank, and the stop signal (the largest received).
+
+    The loop's one collective per step: a 2-element MAX all-reduce, then one host read (on one
+    process only the read of ``bad``).
+    """
+    if runtime.world == 1:
+        return bool(bad), signum
+    flags = torch.stack((bad.to(torch.float32), torch.full((), float(signum), device=bad.device)))
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=runtime.group)
+    any_bad, largest = flags.tolist()
+    return any_bad > 0, int(largest)
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's part of ``t`` (a ``DTensor``'s local shard), detached."""
+    to_local = getattr(t, "to_local", None)
+    return (to_local() if callable(to_local) else t).detach()
+
+
+def _finite(tensors: list[Tensor]) -> Tensor:
+    """0-d bool: every element of every tensor is finite."""
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
 def train(
     method: Method,
     dataset: Dataset[Any],
@@ -249,6 +449,10 @@ def train(
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Optimise ``method`` on ``dataset`` as ``config`` says; checkpoint, log, average, select.
+
+    SIGINT and SIGTERM stop the run at the next optimiser-step boundary on every rank, after
+    saving the checkpoint (:class:`Interrupted`); a non-finite loss stops it at that step or
+    skips the step (``config.nonfinite``; :class:`NonFiniteLoss`). See the module's docstring.
 
     Args:
         method: the built method (its module is wrapped here for the runtime).
@@ -263,11 +467,32 @@ def train(
 
     Returns:
         A :class:`TrainResult`.
+
+    Raises:
+        Interrupted: SIGINT or SIGTERM stopped the run (the checkpoint is saved).
+        NonFiniteLoss: a non-finite loss with ``nonfinite="stop"``, or non-finite weights.
+        ValueError: if the global batch does not split over the ranks, exceeds the dataset, or
+            the method cannot run under FSDP2.
     """
+    with _Stop() as stop:
+        return _train(method, dataset, config, runtime, run_dir, resume, validate, log, stop)
+
+
+def _train(
+    method: Method,
+    dataset: Dataset[Any],
+    config: RunConfig,
+    runtime: Runtime,
+    run_dir: Path | None,
+    resume: bool,
+    validate: Callable[[Mapping[str, Tensor]], float] | None,
+    log: Callable[[str], None],
+    stop: _Stop,
+) -> TrainResult:
     if runtime.strategy == "fsdp" and method.ddp_only is not None:
         raise ValueError(
-            f"train: method {config.method!r} cannot run under FSDP2 ({method.ddp_only}); use "
-            f"--distributed ddp"
+            f"--distributed fsdp: method {config.method!r} cannot run under FSDP2 "
+            f"({method.ddp_only}); use --distributed ddp"
         )
     n = len(dataset)  # type: ignore[arg-type]
     p = plan(config, n, runtime.world)
@@ -282,13 +507,42 @@ def train(
     state = averager.init(trained) if averager is not None else None
     start, best_score = 0, -math.inf
     best: dict[str, Tensor] | None = None
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
+    checkpoint = None
+    if run_dir is not None:
+        checkpoint = Path(run_dir) / (ckpt.DCP if runtime.strategy == "fsdp" else ckpt.PT)
+    saved: int | None = None  # the step of the last checkpoint written (or resumed from)
     if resume and run_dir is not None:
         loaded = ckpt.load(run_dir, net, optimizer, state, runtime)
-        start, best_score = loaded.step, loaded.best_score
+        start, best_score, saved = loaded.step, loaded.best_score, loaded.step
         if config.select == "best" and (run_dir / "best.safetensors").exists():
             best = ckpt.load_tree(run_dir / "best.safetensors")
         history = ckpt.trim_metrics(run_dir, start) if runtime.main else []
+    skip = config.nonfinite == "skip"
+    skipped = next(
+        (int(h["nonfinite_steps"]) for h in reversed(history) if "nonfinite_steps" in h), 0
+    )
+
+    def fail(step: int, what: str) -> NonFiniteLoss:
+        return NonFiniteLoss(
+            step, checkpoint if saved is not None else None, checkpoint_step=saved, what=what
+        )
+
+    def check_weights(step: int) -> None:
+        """Refuse non-finite weights (or average) before they are saved or returned."""
+        tensors = [_local(t) for t in trained.values()]
+        if state is not None:
+            tensors += [_local(t) for t in state.average.values()]
+        bad = ~_finite(tensors).to(runtime.device)
+        if _agree(bad, 0, runtime)[0]:
+            raise fail(step, "weights (a non-finite gradient with a finite loss?)")
+
+    def save(step: int, folder: Path) -> None:
+        nonlocal saved
+        check_weights(step)
+        ckpt.save(folder, net, optimizer, state, runtime, step=step, best_score=best_score)
+        saved = step
+
     sampler = StepSampler(
         n, p, seed=config.seed, rank=runtime.rank, world=runtime.world, start=start
     )
@@ -300,6 +554,7 @@ def train(
         pin_memory=runtime.device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=quiet_worker if workers else None,
     )
     bar = None
     if runtime.main and config.progress:
@@ -307,7 +562,7 @@ def train(
 
         bar = tqdm(total=p.steps, initial=start, desc=config.method, dynamic_ncols=True)
 
-    def record(line: dict[str, float]) -> None:
+    def record(line: dict[str, Any]) -> None:
         """A line of the history, appended to ``metrics.jsonl`` on rank 0."""
         history.append(line)
         if runtime.main and run_dir is not None:
@@ -317,82 +572,127 @@ def train(
     net.train()
     running = torch.zeros((), device=runtime.device)  # summed step losses since the last line
     logged = start  # the step of the last line (or of the checkpoint resumed from)
+    skipped_since = 0  # steps skipped since the last line
     tic = time.perf_counter()
     micro = 0
     step = start
-    for images, labels, indices in loader:
-        if micro == 0:
-            factor = lr_factor(step, p.steps, config.warmup or 0.0, config.schedule)
-            for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = lr * factor
-        batch = (
-            images.to(runtime.device, non_blocking=True),
-            labels.to(runtime.device, non_blocking=True),
-            indices.to(runtime.device, non_blocking=True),
-        )
-        last_micro = micro == p.accumulation - 1
-        with no_sync(net, skip=not last_micro):  # one context over forward and backward
-            with autocast(runtime):
-                loss = method.loss(net, batch, step)
-            (loss / p.accumulation).backward()
-        running += loss.detach() / p.accumulation
-        micro += 1
-        if not last_micro:
-            continue
-        micro = 0
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(list(trained.values()), config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if averager is not None and state is not None:
-            state = averager.update_(state, trained)
-        step += 1
-        if bar is not None:
-            bar.update(1)
-        if step % config.log_every == 0 or step == p.steps:
-            value = running / (step - logged)  # the mean over the steps since the last line
-            logged = step
-            if runtime.world > 1:
-                torch.distributed.all_reduce(value, group=runtime.group)
-                value = value / runtime.world
-            line = {
-                "step": step,
-                "loss": float(value),
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - tic,
-            }
-            running.zero_()
-            record(line)
+    signum = 0
+    step_loss = running
+    try:
+        for images, labels, indices in loader:
+            if micro == 0:
+                factor = lr_factor(step, p.steps, config.warmup or 0.0, config.schedule)
+                for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
+                    group["lr"] = lr * factor
+            batch = (
+                images.to(runtime.device, non_blocking=True),
+                labels.to(runtime.device, non_blocking=True),
+                indices.to(runtime.device, non_blocking=True),
+            )
+            last_micro = micro == p.accumulation - 1
+            with no_sync(net, skip=not last_micro):  # one context over forward and backward
+                with autocast(runtime):
+                    loss = method.loss(net, batch, step)
+                (loss / p.accumulation).backward()
+            part = loss.detach() / p.accumulation
+            step_loss = part if micro == 0 else step_loss + part
+            micro += 1
+            if not last_micro:
+                continue
+            micro = 0
+            bad = ~torch.isfinite(step_loss)
+            norm = None
+            if config.grad_clip is not None:
+                norm = torch.nn.utils.clip_grad_norm_(list(trained.values()), config.grad_clip)
+                full_tensor = getattr(norm, "full_tensor", None)
+                norm = full_tensor() if callable(full_tensor) else norm
+                bad = bad | ~torch.isfinite(norm)
+            nonfinite, signum = _agree(bad, stop.signum, runtime)  # one collective per step
+            if nonfinite and not skip:
+                optimizer.zero_grad(set_to_none=True)
+                value = float(step_loss)
+                if not math.isfinite(value):
+                    what = f"loss ({value})"
+                elif norm is not None and not math.isfinite(float(norm)):
+                    what = f"gradient norm ({float(norm)})"
+                else:
+                    what = "loss (on another rank)"
+                raise fail(step + 1, what)
+            if nonfinite:  # skip: drop the update, keep the schedule
+                skipped += 1
+                skipped_since += 1
+            else:
+                optimizer.step()
+                if averager is not None and state is not None:
+                    state = averager.update_(state, trained)
+                running += step_loss
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
             if bar is not None:
-                bar.set_postfix(loss=f"{line['loss']:.4f}")
-        if (
-            validate is not None
-            and config.eval_every
-            and (step % config.eval_every == 0 or step == p.steps)
-        ):
-            tree = _export(method, state)
-            score = validate(tree)
-            record({"step": step, "val_accuracy": score})
-            if config.select == "best" and score > best_score:
-                best_score, best = score, {k: v.detach().cpu().clone() for k, v in tree.items()}
-                if runtime.main and run_dir is not None:
-                    ckpt.save_tree(run_dir / "best.safetensors", best)
-        if (
-            run_dir is not None
-            and config.save_every
-            and step % config.save_every == 0
-            and step < p.steps
-        ):
-            ckpt.save(run_dir, net, optimizer, state, runtime, step=step, best_score=best_score)
-    if bar is not None:
-        bar.close()
+                bar.update(1)
+            if step % config.log_every == 0 or step == p.steps:
+                counted = step - logged - skipped_since  # finite steps since the last line
+                logged, skipped_since = step, 0
+                mean: float | None = None
+                if counted:  # every rank agrees on it
+                    value_t = running / counted  # the mean over the steps since the last line
+                    if runtime.world > 1:
+                        dist.all_reduce(value_t, group=runtime.group)
+                        value_t = value_t / runtime.world
+                    mean = float(value_t)
+                line: dict[str, Any] = {
+                    "step": step,
+                    "loss": mean,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "seconds": time.perf_counter() - tic,
+                }
+                if skip:
+                    line["nonfinite_steps"] = skipped
+                running.zero_()
+                record(line)
+                if bar is not None and mean is not None:
+                    bar.set_postfix(loss=f"{mean:.4f}")
+            if (
+                validate is not None
+                and config.eval_every
+                and (step % config.eval_every == 0 or step == p.steps)
+            ):
+                tree = _export(method, state)
+                score = validate(tree)
+                record({"step": step, "val_accuracy": score})
+                if config.select == "best" and score > best_score:
+                    if not bool(_finite(list(tree.values()))):  # the same full tree on every rank
+                        raise fail(step, "weights (a non-finite gradient with a finite loss?)")
+                    best_score, best = score, {k: v.detach().cpu().clone() for k, v in tree.items()}
+                    if runtime.main and run_dir is not None:
+                        ckpt.save_tree(run_dir / "best.safetensors", best)
+            if (
+                run_dir is not None
+                and config.save_every
+                and step % config.save_every == 0
+                and step < p.steps
+            ):
+                save(step, run_dir)
+            if signum:
+                break  # every rank: the same step
+    finally:
+        if bar is not None:
+            bar.close()
     seconds = time.perf_counter() - tic
+    if run_dir is None:
+        check_weights(step)
+    elif saved != step:  # the last checkpoint, or the one to resume an interrupted run from
+        save(step, run_dir)
+    if not signum:  # a signal after the last step's agreement (every rank: the same collective)
+        signum = _agree(
+            torch.zeros((), dtype=torch.bool, device=runtime.device), stop.signum, runtime
+        )[1]
+    if signum:
+        raise Interrupted(signum, step, checkpoint)
     net.eval()
     last = method.export(net)
     averaged = _export(method, state) if state is not None else None
-    if run_dir is not None:
-        ckpt.save(run_dir, net, optimizer, state, runtime, step=step, best_score=best_score)
-    return TrainResult(last, averaged, best, history, seconds)
+    return TrainResult(last, averaged, best, history, seconds, skipped)
 
 
 def _export(method: Method, state: Any) -> dict[str, Tensor]:

@@ -8,6 +8,9 @@ Pure functions return new dicts and never mutate their inputs; the in-place ones
 write only into their first argument.
 """
 
+from typing import TYPE_CHECKING
+
+from robustft._checks import keyword_hints, moved_names
 from robustft.tree._arith import (
     add,
     copy_,
@@ -52,3 +55,26 @@ __all__ = [
     "sub",
     "zeros_like",
 ]
+
+keyword_hints(
+    globals(),
+    ["select"],
+    renamed={
+        "select": {
+            "regex": "is gone: pass the compiled pattern as where, select(tree, re.compile(r'...'))",
+            "predicate": "is gone: pass the predicate as where, select(tree, predicate)",
+        }
+    },
+    notes={
+        "select": "several patterns are now one collection, select(tree, ['a*', 'b*'])",
+    },
+)
+
+# Public names that moved or were removed, and where they went (CHANGELOG, docs/migration.md)
+_MOVED = {
+    "accumulation_dtype": "was removed from the public API; use "
+    "torch.promote_types(dtype, torch.float32)",
+}
+
+if not TYPE_CHECKING:  # runtime only: type checkers keep flagging unknown names
+    __getattr__ = moved_names(__name__, _MOVED)
