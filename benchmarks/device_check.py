@@ -65,7 +65,7 @@ from robustft.recipes import Context, Evaluator, build, load_model, resolve
 from robustft.recipes._loop import make_averager, make_optimizer
 from robustft.recipes._methods import trained_tree
 from robustft.recipes._nets import visual_tower
-from robustft.recipes._runfolder import atomic_write
+from robustft.recipes._runfolder import RunError, atomic_write
 from robustft.recipes._runtime import Runtime, autocast, wrap
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -808,6 +808,15 @@ def run_section(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the check; the exit status: 0, 1 if a device test failed, 2 on a usage or output error."""
+    try:
+        return _main(argv)
+    except (RunError, OSError) as err:  # the output folder cannot be written: one line
+        print(f"device_check: error: --out: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parse(argv)
     sizes = CPU if args.cpu else GPU
     if args.budget is not None:

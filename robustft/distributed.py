@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -267,14 +267,15 @@ def _check_tensors(fn: str, params: Any) -> tuple[tuple[str, Tensor], ...]:
     if isinstance(params, Mapping):
         check_tensor_tree(fn, "params", params)
         named = [(f"params[{k!r}]", v) for k, v in params.items()]
-    elif isinstance(params, Sequence) and not isinstance(params, str):
-        bad = [i for i, v in enumerate(params) if not isinstance(v, Tensor)]
+    elif isinstance(params, Iterable) and not isinstance(params, (str, bytes)):
+        items = list(params)  # a sequence, or e.g. module.parameters()
+        bad = [i for i, v in enumerate(items) if not isinstance(v, Tensor)]
         if bad:
             raise TypeError(
-                f"{fn}: params must hold only tensors, got {describe(params[bad[0]])} at "
+                f"{fn}: params must hold only tensors, got {describe(items[bad[0]])} at "
                 f"position {bad[0]}"
             )
-        named = [(f"params[{i}]", v) for i, v in enumerate(params)]
+        named = [(f"params[{i}]", v) for i, v in enumerate(items)]
     else:
         raise TypeError(
             f"{fn}: params must be a parameter tree (e.g. a dict of the trained tensors) or a "
@@ -359,7 +360,7 @@ def _average_grads(tensors: Sequence[Tensor], group: Any, world: int) -> None:
                     t.grad = part.clone()
 
 
-def sync_gradients(params: Params | Sequence[Tensor], group: Group = None) -> None:
+def sync_gradients(params: Params | Iterable[Tensor], group: Group = None) -> None:
     """Average the gradients of a tree of trained tensors over the ranks, now (in place).
 
     .. math:: g_p \\leftarrow \\frac{1}{W} \\sum_{r=1}^{W} g_p^{(r)} \\quad \\text{for every tensor } p
@@ -381,8 +382,8 @@ def sync_gradients(params: Params | Sequence[Tensor], group: Group = None) -> No
     twice is harmless.
 
     Args:
-        params: the trained tensors, as a parameter tree or a sequence of tensors, the same
-            tensors in the same order on every rank.
+        params: the trained tensors, as a parameter tree or a sequence (any iterable, e.g.
+            ``head.parameters()``) of tensors, the same tensors in the same order on every rank.
         group: the process group; ``None`` uses the default group when one is initialised. With
             no process group (or one rank) nothing happens.
 
@@ -449,7 +450,7 @@ class Replica:
         self.group = group
         self.world = world
         self._sync = True
-        self._pending = False
+        self._queued_in: int | None = None  # the backward pass whose end will synchronise
         self._hooks: list[Any] = []
 
     def _install(self) -> None:
@@ -458,13 +459,15 @@ class Replica:
 
     def _on_grad(self, tensor: Tensor) -> None:
         # the first gradient of this backward pass queues one synchronisation at its end, so
-        # every tensor of the replica is averaged once, in the same order on every rank
-        if self._sync and not self._pending:
-            self._pending = True
+        # every tensor of the replica is averaged once, in the same order on every rank (keyed by
+        # the backward pass: one that failed before its end leaves nothing stale behind)
+        task = torch._C._current_graph_task_id()
+        if self._sync and self._queued_in != task:
+            self._queued_in = task
             Variable._execution_engine.queue_callback(self._end_of_backward)
 
     def _end_of_backward(self) -> None:
-        self._pending = False
+        self._queued_in = None
         pg: Any = dist.group.WORLD if self.group is None else self.group
         _average_grads(self.tensors, pg, self.world)
 
@@ -552,7 +555,7 @@ def _broadcast_values(tensors: Sequence[Tensor], group: Any) -> None:
 
 
 def replicate(
-    params: Params | Sequence[Tensor], *, group: Group = None, init_sync: bool = True
+    params: Params | Iterable[Tensor], *, group: Group = None, init_sync: bool = True
 ) -> Replica:
     """Keep a tree of trained tensors identical on every rank: average their gradients.
 
@@ -582,8 +585,8 @@ def replicate(
 
     Args:
         params: the trained tensors (leaf tensors that require grad), as a parameter tree or a
-            sequence of tensors; tensors that do not require grad are skipped, a tensor listed
-            twice counts once.
+            sequence (any iterable, e.g. ``head.parameters()``) of tensors; tensors that do not
+            require grad are skipped, a tensor listed twice counts once.
         group: the process group; ``None`` uses the default group when one is initialised.
         init_sync: broadcast group rank 0's values to the other ranks first.
 

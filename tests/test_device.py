@@ -68,6 +68,11 @@ def to(tree_: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device) for k, v in tree_.items()}
 
 
+def close(actual: Any, expected: Any, *, what: str, **tolerances: Any) -> None:
+    """``torch.testing.assert_close`` whose message starts with ``what`` (and keeps its own)."""
+    torch.testing.assert_close(actual, expected, msg=lambda m: f"{what}: {m}", **tolerances)
+
+
 def peak_increase(fn: Callable[[], Any]) -> int:
     """Peak bytes allocated by ``fn`` above what was allocated when it started.
 
@@ -127,12 +132,12 @@ def test_tree_foreach_paths_equal_the_per_tensor_loop_and_the_cpu(w: float) -> N
             assert fast[k].device == DEV and fast[k].dtype == a[k].dtype, k
             # elementwise and correctly rounded on both paths: bit for bit
             assert torch.equal(fast[k], slow[k].detach()), k
-            torch.testing.assert_close(fast[k].cpu(), cpu[k], msg=k)
+            close(fast[k].cpu(), cpu[k], what=k)
     norms = tree.norm(a, per_tensor=True)
     slow_norms = tree.norm(slow_a, per_tensor=True)
     for k in a:
         assert norms[k].dtype == (torch.float64 if k == "d" else torch.float32), k
-        torch.testing.assert_close(norms[k], slow_norms[k].detach(), msg=k)
+        close(norms[k], slow_norms[k].detach(), what=k)
     torch.testing.assert_close(tree.norm(a).cpu(), tree.norm(ca))
     torch.testing.assert_close(tree.dot(a, b).cpu(), tree.dot(ca, cb))
     acc = {k: v.clone() for k, v in a.items()}
@@ -149,7 +154,7 @@ def test_tree_lerp_and_copy_across_devices_and_dtypes() -> None:
     tree.lerp_(acc, b, 0.25)  # the end on the CPU: converted tensor by tensor
     for k in acc:
         assert acc[k].device == DEV
-        torch.testing.assert_close(acc[k], torch.lerp(a[k], b[k].to(DEV), 0.25), msg=k)
+        close(acc[k], torch.lerp(a[k], b[k].to(DEV), 0.25), what=k)
     wide = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in acc.items()}
     tree.lerp_(wide, to(b, DEV), 0.5)  # a bf16 end into a float32 start
     assert wide["h"].dtype == torch.float32
@@ -198,7 +203,7 @@ def test_average_update_in_place_equals_the_pure_path_and_the_cpu(name: str) -> 
     on_cpu = run(avg, _trajectory(CPU), in_place=True)
     assert counters(on_cpu) == counters(fast)
     for k, v in on_cpu.average.items():
-        torch.testing.assert_close(fast.average[k].cpu(), v, rtol=1e-6, atol=1e-6, msg=k)
+        close(fast.average[k].cpu(), v, rtol=1e-6, atol=1e-6, what=k)
 
 
 def test_average_update_in_place_allocates_no_parameter_sized_temporary() -> None:
@@ -226,8 +231,8 @@ def test_averages_kept_on_another_device_than_the_parameters() -> None:
     onto = run(averaging.ema(0.7, device=DEV), [to(p, CPU) for p in traj], in_place=True)
     for k, v in here.average.items():
         assert offloaded.average[k].device == CPU and onto.average[k].device == DEV
-        torch.testing.assert_close(offloaded.average[k], v.cpu(), rtol=1e-6, atol=1e-6, msg=k)
-        torch.testing.assert_close(onto.average[k], v, rtol=1e-6, atol=1e-6, msg=k)
+        close(offloaded.average[k], v.cpu(), rtol=1e-6, atol=1e-6, what=k)
+        close(onto.average[k], v, rtol=1e-6, atol=1e-6, what=k)
 
 
 def test_l2sp_fast_path_equals_the_per_tensor_path_with_gradients() -> None:
@@ -241,8 +246,8 @@ def test_l2sp_fast_path_equals_the_per_tensor_path_with_gradients() -> None:
     assert fast.dtype == torch.float64  # the widest leaf's dtype, at least float32
     for k in values:
         want = values[k] - anchor[k]
-        torch.testing.assert_close(params[k].grad, want, msg=k)
-        torch.testing.assert_close(grads[k], want, msg=k)
+        close(params[k].grad, want, what=k)
+        close(grads[k], want, what=k)
     cpu = losses.l2sp(to(values, CPU), anchor=to(anchor, CPU))
     torch.testing.assert_close(fast.detach().cpu(), cpu)
 
@@ -292,7 +297,7 @@ def test_spd_in_place_equals_pure_and_the_cpu() -> None:
     for k in params:
         assert torch.equal(in_place[k], pure[k]), k
         assert pure[k].dtype == params[k].dtype and pure[k].device == DEV, k
-        torch.testing.assert_close(pure[k].cpu(), cpu[k], msg=k)
+        close(pure[k].cpu(), cpu[k], what=k)
         assert not torch.equal(pure[k], stepped[k]), k  # the decay ran
 
 
@@ -338,8 +343,8 @@ def test_scores_metrics_and_ensembles_are_float32_under_bf16_autocast() -> None:
         with torch.autocast(DEV.type, dtype=torch.bfloat16):
             inside = call(DEV)
         assert inside.dtype == torch.float32 and inside.device == DEV, name
-        torch.testing.assert_close(inside, outside, msg=name)
-        torch.testing.assert_close(inside.cpu(), call(CPU), rtol=1e-5, atol=1e-5, msg=name)
+        close(inside, outside, what=name)
+        close(inside.cpu(), call(CPU), rtol=1e-5, atol=1e-5, what=name)
 
 
 # ---------------------------------------------------------------- torch.compile with inductor
@@ -376,7 +381,7 @@ def test_compiled_average_updates_with_inductor(name: str) -> None:
     assert int(state.step) == int(eager.step) == 20
     for k, v in eager.average.items():
         assert state.average[k].dtype == v.dtype and state.average[k].device == DEV
-        torch.testing.assert_close(state.average[k], v, rtol=1e-6, atol=1e-6, msg=k)
+        close(state.average[k], v, rtol=1e-6, atol=1e-6, what=k)
 
 
 def test_compiled_clipood_step_with_inductor_under_bf16_autocast() -> None:
@@ -440,7 +445,7 @@ def _assert_runs_close(a: TrainResult, b: TrainResult, *, rtol: float, atol: flo
     for x, y in pairs:
         assert y is not None and x.keys() == y.keys()
         for k in x:
-            torch.testing.assert_close(x[k].cpu(), y[k].cpu(), rtol=rtol, atol=atol, msg=k)
+            close(x[k].cpu(), y[k].cpu(), rtol=rtol, atol=atol, what=k)
     want = [h["loss"] for h in b.history]
     assert [h["loss"] for h in a.history] == pytest.approx(want, rel=rtol, abs=atol)
 
@@ -523,6 +528,7 @@ def group() -> Iterator[Any]:
         rank=0,
         world_size=1,
         timeout=datetime.timedelta(seconds=60),
+        device_id=None if DRY else DEV,  # NCCL binds the device now: no guessing, no warning
     )
     try:
         yield dist.group.WORLD
@@ -574,6 +580,31 @@ class TestOneProcessGroup:
         assert empty.shape == (0, 4) and empty.device == DEV
         assert rank_offset(5, group, device=DEV) == 0
 
+    def test_gradient_sync_and_replicas_run_through_the_backend(
+        self, group: Any, forced: None
+    ) -> None:
+        from robustft.distributed import replicate, sync_gradients
+
+        w = torch.randn(3, 4, device=DEV, requires_grad=True)
+        b = torch.randn(4, device=DEV, requires_grad=True)
+        h = torch.randn(5, device=DEV, dtype=torch.bfloat16, requires_grad=True)  # its own bucket
+        (2 * w.sum() + h.float().sum()).backward()  # b gets no gradient on any rank
+        assert w.grad is not None and h.grad is not None
+        want_w, want_h = w.grad.clone(), h.grad.clone()
+        sync_gradients({"w": w, "b": b, "h": h}, group)  # the average over one rank
+        assert torch.equal(w.grad, want_w) and torch.equal(h.grad, want_h) and b.grad is None
+        handle = replicate({"w": w, "h": h}, group=group)  # broadcast, then a hook per backward
+        try:
+            w.grad = h.grad = None
+            (w.square().sum() + 3 * h.float().sum()).backward()
+            assert torch.equal(w.grad, 2 * w.detach())
+            assert torch.equal(h.grad, torch.full_like(h, 3))
+        finally:
+            handle.remove()
+        # a refusal is agreed through the backend first (a bookkeeping collective on the device)
+        with pytest.raises(ValueError, match=r"replicate: params must hold at least one tensor"):
+            replicate([torch.zeros(2, device=DEV)], group=group)
+
     def test_losses_with_group_equal_the_local_loss(self, group: Any, forced: None) -> None:
         g = torch.Generator().manual_seed(0)
         f, t = torch.randn(6, 8, generator=g).to(DEV), torch.randn(6, 8, generator=g).to(DEV)
@@ -593,11 +624,11 @@ class TestOneProcessGroup:
                     xa, xb = (x0.clone().requires_grad_(True) for _ in range(2))
                     shared, local = call(xa, group), call(xb, None)
                 assert shared.dtype == torch.float32, name
-                torch.testing.assert_close(shared, local, msg=name)
+                close(shared, local, what=name)
                 shared.backward()
                 local.backward()
                 assert xa.grad is not None and xb.grad is not None
-                torch.testing.assert_close(xa.grad, xb.grad, msg=name)
+                close(xa.grad, xb.grad, what=name)
 
     def test_evaluation_gathers_through_the_backend(self, group: Any, forced: None) -> None:
         g = torch.Generator().manual_seed(0)
@@ -614,7 +645,7 @@ class TestOneProcessGroup:
         for field in a._fields:
             x, want = getattr(a, field), getattr(b, field)
             if isinstance(x, Tensor):
-                torch.testing.assert_close(x, want, msg=field)
+                close(x, want, what=field)
             else:
                 assert x == want, field
 

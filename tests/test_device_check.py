@@ -94,10 +94,8 @@ def in_tmp(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_cpu_mode_writes_every_expected_key_with_finite_numbers(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
     env.pop("ROBUSTFT_DEVICE_TESTS", None)
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--cpu", "--out", str(tmp_path)],
@@ -223,6 +221,17 @@ def test_bad_arguments_fail_in_one_line(
         device_check.main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_output_folder_that_cannot_be_written_fails_in_one_line(
+    device_check: ModuleType, in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    taken = in_tmp / "a-file"
+    taken.write_text("not a folder", encoding="utf-8")
+    assert device_check.main(["--cpu", "--out", str(taken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("device_check: error: --out: ") and str(taken) in err
+    assert "\n" not in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")

@@ -174,7 +174,16 @@ def _body(rank: int, world_size: int) -> dict[str, Any]:
     F.cross_entropy(prompted(images), labels).backward()
     out["prompted_grad"] = prompted.module.context.grad.tolist()
 
-    # replicate: rank 0's values are broadcast; a later replicate() after the forward still counts
+    # replicate() between the forward and the backward still counts (checked at the backward)
+    late_model = tiny_vit_clip().requires_grad_(False)
+    late = {"visual.proj": late_model.visual.proj.detach().clone().requires_grad_(True)}
+    features = clip.image_features(late_model, late, _batch(2, rank)[0])
+    late_handle = distributed.replicate(late)
+    features.sum().backward()
+    out["late_grad"] = late["visual.proj"].grad.tolist()
+    late_handle.remove()
+
+    # replicate: rank 0's values are broadcast
     w = torch.full((3,), float(rank + 1), requires_grad=True)
     handle = distributed.replicate([w])
     assert w.tolist() == [1.0, 1.0, 1.0] and distributed.is_replicated(w)
@@ -245,6 +254,7 @@ def test_trees_outside_ddp_are_replicated_or_refused() -> None:
     for key in ("context", "tree"):
         assert ranks[0][key] == ranks[1][key], key
     assert ranks[0]["prompted_grad"] == ranks[1]["prompted_grad"]
+    assert ranks[0]["late_grad"] == ranks[1]["late_grad"]
     # ... and equal one process on the global batch
     single = {
         "context": _run_context(tiny_vit_clip, tokenizer(), rank=None, use_replicate=False),
@@ -294,6 +304,10 @@ def test_replicate_skips_frozen_and_duplicate_tensors() -> None:
     handle = distributed.replicate({"w": w, "again": w, "frozen": frozen})
     assert handle.tensors == (w,)
     assert not distributed.is_replicated(frozen)
+    handle.remove()
+    head = nn.Linear(2, 3)
+    handle = distributed.replicate(head.parameters())  # any iterable of tensors
+    assert handle.tensors == (head.weight, head.bias)
     handle.remove()
 
 

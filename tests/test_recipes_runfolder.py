@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from robustft.recipes import _runfolder as run
-from robustft.recipes._cli import one_line
 from robustft.recipes._config import resolve
 from robustft.recipes._runfolder import RunError
+from robustft.recipes._runtime import one_line
 
 # --- atomic writes -----------------------------------------------------------------------------
 
@@ -287,7 +287,7 @@ def test_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 def test_one_line_messages() -> None:
     worker = RuntimeError(
         "Caught BadImageError in DataLoader worker process 0.\nOriginal Traceback (most recent "
-        "call last):\n  File \"x.py\", line 1, in f\n    raise\n"
+        'call last):\n  File "x.py", line 1, in f\n    raise\n'
         "robustft.recipes._data.BadImageError: train: cannot read image 'a.png': truncated"
     )
     assert one_line(worker) == "train: cannot read image 'a.png': truncated"

@@ -185,7 +185,8 @@ def _wrapped_by_ddp(model: nn.Module) -> bool:
     found = _WRAPPED.get(model)
     if found is None:
         found = any(
-            isinstance(o, DistributedDataParallel) and o.module is model for o in gc.get_objects()
+            issubclass(type(o), DistributedDataParallel) and o.module is model
+            for o in gc.get_objects()
         )
         _WRAPPED[model] = found
     return found

@@ -18,6 +18,7 @@ from typing import Any
 
 from robustft.recipes._config import SUPERVISED, UNSUPERVISED, RunConfig, load_config_file, resolve
 from robustft.recipes._runfolder import RunError, read_record
+from robustft.recipes._runtime import one_line
 
 __all__ = ["main", "parser"]
 
@@ -209,6 +210,7 @@ RESUMABLE = frozenset(
         "ood_reference",
         "eval_classes",
         "collective_timeout",
+        "nonfinite",
     }
 )
 
@@ -266,7 +268,10 @@ def _relocate(values: dict[str, Any], overrides: Sequence[str] | None, run: str)
     from robustft.recipes._config import NAMED_SETS
 
     for field in NAMED_SETS:
-        for name, path in (values.get(field) or {}).items():
+        recorded = values.get(field)
+        if not isinstance(recorded, dict):  # given on this command line: checked when read
+            continue
+        for name, path in recorded.items():
             if not Path(path).exists():
                 raise RunError(
                     f"{_flag(field)} {name}={path!r}, recorded in {saved!r}, no longer exists — "
@@ -320,10 +325,10 @@ def _config_from(args: argparse.Namespace, family: Sequence[str]) -> tuple[RunCo
 def _saved_run(args: argparse.Namespace, option: str, run: str) -> dict[str, Any]:
     """The configuration of a saved run for posthoc/evaluate, with the sets and device given."""
     base = _run_config(option, run)
-    _relocate(base, args.override, run)
     if args.eval or args.shift or args.ood:  # the sets given replace the run's
         for field in ("eval", "shift", "ood"):
             base[field] = getattr(args, field) or []
+    _relocate(base, args.override, run)
     for field in ("ood_reference", "device", "workers"):
         value = getattr(args, field, None)
         if value is not None:
@@ -332,26 +337,13 @@ def _saved_run(args: argparse.Namespace, option: str, run: str) -> dict[str, Any
     return base
 
 
-def one_line(error: BaseException) -> str:
-    """The message of ``error`` on one line: for an error re-raised from a DataLoader worker (a
-    traceback in its message), the original error's own line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    if len(lines) > 1 and any("Traceback (most recent call last)" in line for line in lines):
-        last = lines[-1]
-        head, sep, rest = last.partition(": ")
-        return rest if sep and head.replace(".", "").replace("_", "").isalnum() else last
-    return " ".join(lines)
-
-
 def _run(args: argparse.Namespace) -> int:
     from robustft.recipes import _jobs
 
     if args.command in ("finetune", "ueo"):
         family = SUPERVISED if args.command == "finetune" else UNSUPERVISED
         config, resume = _config_from(args, family)
-        _jobs.main_finetune(config, resume=resume, overwrite=args.overwrite)
+        _jobs.main_finetune(config, resume=resume, overwrite=args.overwrite, debug=args.debug)
         return 0
     if args.command == "posthoc":
         config = resolve(_saved_run(args, "--runs", args.runs[0]) | {"output": args.output})
@@ -366,6 +358,7 @@ def _run(args: argparse.Namespace) -> int:
             save_weights=args.save_weights,
             allow_mixed=args.allow_mixed,
             overwrite=args.overwrite,
+            debug=args.debug,
         )
         return 0
     run = Path(args.run)
@@ -377,7 +370,12 @@ def _run(args: argparse.Namespace) -> int:
     ]
     recorded = read_record(run, option="--run")
     _jobs.main_evaluate(
-        config, files, recorded=recorded, output=args.output, overwrite=args.overwrite
+        config,
+        files,
+        recorded=recorded,
+        output=args.output,
+        overwrite=args.overwrite,
+        debug=args.debug,
     )
     return 0
 
@@ -418,7 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 128 + int(stop.signum)
     except KeyboardInterrupt:
-        print("robustft: interrupted before training started; nothing was saved", file=sys.stderr)
+        print(
+            "robustft: interrupted; the last checkpoint saved, if any, is intact", file=sys.stderr
+        )
         return 130
     except (ValueError, TypeError, FileNotFoundError) as error:
         if args.debug:

@@ -31,7 +31,7 @@ from robustft.recipes import _runfolder as run
 from robustft.recipes._config import SUPERVISED, UNSUPERVISED, RunConfig, lp_strengths
 from robustft.recipes._data import FolderDataset, class_names, holdout
 from robustft.recipes._evaluate import Evaluator, format_summary, threshold_at_tpr
-from robustft.recipes._loop import TrainResult, check_split, train
+from robustft.recipes._loop import TrainResult, check_split, plan, train
 from robustft.recipes._methods import DDP_ONLY, Context, build, fit_linear_head
 from robustft.recipes._model import ClipBundle, load_model
 from robustft.recipes._nets import visual_tower
@@ -170,7 +170,7 @@ def load_data(config: RunConfig, bundle: ClipBundle, *, supervised: bool) -> Dat
             ds = folder(path, name, bundle.eval_transform, ood=True)
             skipped[name] = len(ds.skipped)
             ood[name] = ConcatDataset([base, ds])
-    train_eval = Subset(plain, keep) if isinstance(train_used, Subset) else plain
+    train_eval: Dataset[Any] = Subset(plain, keep) if isinstance(train_used, Subset) else plain
     return Data(train_used, val, evals, folders, names, ood, train_eval, facts, skipped)
 
 
@@ -323,13 +323,12 @@ def check_runtime(config: RunConfig, runtime: Runtime) -> None:
         ValueError: if the global batch does not split over the ranks and accumulation steps, or
             the method cannot run under FSDP2.
     """
-    fn = config.method
     if config.batch_size is not None:
-        check_split(fn, config.batch_size, runtime.world, config.accumulation)
+        check_split(None, config.batch_size, runtime.world, config.accumulation)
     if runtime.strategy == "fsdp" and config.method in DDP_ONLY:
         raise ValueError(
-            f"{fn}: method {config.method!r} cannot run under FSDP2 ({DDP_ONLY[config.method]}); "
-            f"use --distributed ddp"
+            f"--distributed fsdp: method {config.method!r} cannot run under FSDP2 "
+            f"({DDP_ONLY[config.method]}); use --distributed ddp"
         )
 
 
@@ -471,6 +470,8 @@ def _finetune(
     prep = prepare(config, supervised=supervised, runtime=runtime)
     rt, bundle, data = prep.runtime, prep.bundle, prep.data
     log = _log(rt)
+    # a batch the data cannot fill (a pool smaller than the ranks) is refused on every rank
+    plan(config, len(data.train), rt.world)  # type: ignore[arg-type]
     if resume:
         run.check_record(
             recorded, prep.facts, where=f"--resume {config.output}", sets=("train", "val")
@@ -942,18 +943,22 @@ def _tpgm(
     return projected
 
 
-def main_finetune(config: RunConfig, *, resume: bool, overwrite: bool = False) -> dict[str, Any]:
+def main_finetune(
+    config: RunConfig, *, resume: bool, overwrite: bool = False, debug: bool = False
+) -> dict[str, Any]:
     """Entry point of ``robustft finetune``/``ueo``: set up, run, end the process group (every
     rank stops at once if one fails)."""
     runtime = runtime_of(config)
-    with failfast(runtime):
+    with failfast(runtime, debug=debug):
         return finetune(config, resume=resume, overwrite=overwrite, runtime=runtime)
 
 
-def main_posthoc(config: RunConfig, runs: Sequence[str], **options: Any) -> dict[str, Any]:
+def main_posthoc(
+    config: RunConfig, runs: Sequence[str], *, debug: bool = False, **options: Any
+) -> dict[str, Any]:
     """Entry point of ``robustft posthoc``."""
     runtime = runtime_of(config)
-    with failfast(runtime):
+    with failfast(runtime, debug=debug):
         return posthoc(config, runs, runtime=runtime, **options)
 
 
@@ -964,11 +969,12 @@ def main_evaluate(
     recorded: Mapping[str, Any],
     output: str | None,
     overwrite: bool,
+    debug: bool = False,
 ) -> dict[str, Any]:
     """Entry point of ``robustft evaluate``: print the tables; with ``output``, also write
     ``results.json`` and ``summary.md`` there (a new folder, never a run folder)."""
     runtime = runtime_of(config)
-    with failfast(runtime):
+    with failfast(runtime, debug=debug):
         out = None
         if output is not None:
             out = _agree(

@@ -106,10 +106,11 @@ def trained_tree(module: nn.Module) -> dict[str, Tensor]:
 def full(t: Tensor) -> Tensor:
     """A fresh plain tensor of ``t``'s full value (a ``DTensor`` is all-gathered), detached.
 
-    Always a copy: an exported tree never aliases the live parameters.
+    Always a copy: an exported tree never aliases the live parameters (``full_tensor`` of a
+    one-rank mesh or a replicated ``DTensor`` returns the parameter's own storage).
     """
     full_tensor = getattr(t, "full_tensor", None)
-    return full_tensor().detach() if callable(full_tensor) else t.detach().clone()
+    return full_tensor().detach().clone() if callable(full_tensor) else t.detach().clone()
 
 
 def _visual_tree(visual: nn.Module) -> dict[str, Tensor]:

@@ -194,6 +194,13 @@ def claim(folder: str | os.PathLike[str], *, command: str, overwrite: bool, resu
             f"--output {shown!r} is not empty and holds no robustft run; choose a new or empty "
             f"folder (nothing there is removed, even with --overwrite)"
         )
+    if kind in ("finished", "interrupted") and command not in TRAINING:
+        owner = (read_record(path, option="--output").get("command")) or "finetune"
+        if owner in TRAINING:
+            raise RunError(
+                f"--output {shown!r} is a training run's folder; robustft {command} never writes "
+                f"into a run folder — choose a new folder (e.g. {shown.rstrip('/')}-{command})"
+            )
     if kind in ("finished", "interrupted") and not overwrite:
         if kind == "finished":
             what = "a finished run (results.json)"
@@ -206,12 +213,6 @@ def claim(folder: str | os.PathLike[str], *, command: str, overwrite: bool, resu
             )
         raise RunError(f"--output {shown!r} holds {what}; {how}")
     if kind in ("finished", "interrupted"):
-        owner = (read_record(path, option="--output").get("command")) or "finetune"
-        if owner in TRAINING and command not in TRAINING:
-            raise RunError(
-                f"--output {shown!r} is a training run's folder; robustft {command} never writes "
-                f"into a run folder — choose a new folder (e.g. {shown.rstrip('/')}-{command})"
-            )
         clear(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
