@@ -360,7 +360,7 @@ def test_posthoc_missing_run_weights(
     ]
     assert main(args) == 2
     assert (
-        "robustft: error: posthoc: runs must hold last.safetensors, missing"
+        "robustft: error: posthoc: --runs must hold last.safetensors, missing"
         in capsys.readouterr().err
     )
 
@@ -384,9 +384,10 @@ def test_evaluate_reproduces_the_runs_results(
         str(tmp_path / "ev"),
     ]
     assert main(args) == 0
-    printed = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr().out  # the tables of summary.md
     payload = read_json(tmp_path / "ev" / "results.json")
-    assert printed == payload and list(payload["results"]) == ["last", "zero-shot", "copy"]
+    assert list(payload["results"]) == ["last", "zero-shot", "copy"]
+    assert (tmp_path / "ev" / "summary.md").read_text().split("\n", 2)[2].strip() in printed
     trained = read_json(run_dir / "results.json")["results"]
     assert_same_metrics(payload["results"]["last"], trained["last"])
     assert_same_metrics(payload["results"]["copy"], trained["last"])
@@ -394,11 +395,12 @@ def test_evaluate_reproduces_the_runs_results(
 
 
 def test_evaluate_on_other_sets(
-    ft_runs: tuple[Path, Path], tiny: Tiny, capsys: pytest.CaptureFixture[str]
+    ft_runs: tuple[Path, Path], tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = ["evaluate", "--run", str(ft_runs[0]), "--eval", f"inverted={tiny.digits.shifted}"]
-    assert main(args) == 0
-    payload = json.loads(capsys.readouterr().out)
+    assert main([*args, "--output", str(tmp_path / "ev")]) == 0
+    assert "| last | inverted |" in capsys.readouterr().out
+    payload = read_json(tmp_path / "ev" / "results.json")
     assert list(payload["results"]) == ["last"] and list(payload["results"]["last"]) == [
         "val",
         "inverted",
@@ -579,28 +581,42 @@ def test_argparse_rejects_unknown_methods_and_malformed_values(
     assert "required" in _argparse_error([], capsys)
 
 
-def test_method_from_a_file_must_belong_to_the_command(tiny: Tiny, tmp_path: Path) -> None:
+def test_method_from_a_file_must_belong_to_the_command(
+    tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     file = tmp_path / "run.json"
     file.write_text(
         json.dumps({"method": "clipood", "train": str(tiny.digits.train)}), encoding="utf-8"
     )
-    with pytest.raises(
-        SystemExit, match=r"robustft: --method must be one of ueo, entropy, im here, got 'clipood'"
-    ):
-        main(["ueo", "--config", str(file)])
+    assert main(["ueo", "--config", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert "robustft: error: --method must be one of ueo, entropy, im here, got 'clipood'" in err
 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--lr", "-1"], "resolve: lr must be > 0, got -1.0"),
-        (["--steps", "0"], "resolve: steps must be an integer >= 1, got 0"),
-        (["--warmup", "1.5"], r"resolve: warmup must be in [0, 1), got 1.5"),
+        (
+            ["--lr", "-1"],
+            "resolve: --lr (lr in a config file) must be a finite number > 0, got -1.0",
+        ),
+        (
+            ["--steps", "0"],
+            "resolve: --steps (steps in a config file) must be an integer >= 1, got 0",
+        ),
+        (
+            ["--warmup", "1.5"],
+            "resolve: --warmup (warmup in a config file) must be a number in [0, 1), got 1.5",
+        ),
         (
             ["--batch-size", "9", "--accumulation", "2"],
-            "resolve: batch_size must be a multiple of accumulation, got batch_size 9 and accumulation 2",
+            "resolve: --batch-size (batch_size in a config file) must be a multiple of "
+            "--accumulation, got 9 and --accumulation 2",
         ),
-        (["--eval", "=nowhere"], "resolve: eval entries must be NAME=DIR, got '=nowhere'"),
+        (
+            ["--eval", "=nowhere"],
+            "resolve: --eval (eval in a config file) entries must be NAME=DIR, got '=nowhere'",
+        ),
         (
             ["--config", "/nonexistent/run.yaml"],
             "load_config_file: config file '/nonexistent/run.yaml' does not exist",
@@ -642,7 +658,8 @@ def test_batch_larger_than_the_training_set(
 ) -> None:
     assert main(argv(overrides(tiny, tmp_path / "run", "ft", batch_size=64))) == 2
     expected = (
-        "robustft: error: plan: batch_size must be at most the training set's 60 samples, got 64"
+        "robustft: error: --batch-size (batch_size in a config file) must be at most the "
+        "training set's 60 samples, got 64"
     )
     assert expected in capsys.readouterr().err
 
@@ -650,14 +667,17 @@ def test_batch_larger_than_the_training_set(
 def test_missing_train_and_resume_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit, match=r"robustft: --train is required"):
-        main(["finetune", "--output", str(tmp_path / "run")])
+    assert main(["finetune", "--output", str(tmp_path / "run")]) == 2
+    assert "robustft: error: --train is required" in capsys.readouterr().err
     assert main(["finetune", "--resume", str(tmp_path)]) == 2
-    assert "finetune: --resume must be a run folder holding config.json" in capsys.readouterr().err
+    expected = f"--resume {str(tmp_path)!r} must be a run folder holding config.json"
+    assert expected in capsys.readouterr().err
     assert main(["evaluate", "--run", str(tmp_path)]) == 2
-    assert "evaluate: --run must be a run folder holding config.json" in capsys.readouterr().err
+    expected = f"--run {str(tmp_path)!r} must be a run folder holding config.json"
+    assert expected in capsys.readouterr().err
     assert main(["posthoc", "wise", "--runs", str(tmp_path), "--output", str(tmp_path / "p")]) == 2
-    assert "posthoc: --runs (the first) must be a run folder" in capsys.readouterr().err
+    expected = f"--runs {str(tmp_path)!r} must be a run folder holding config.json"
+    assert expected in capsys.readouterr().err
 
 
 # --- options added after review: class subsets, saved blends, early refusals -------------------
@@ -700,7 +720,11 @@ def test_eval_classes_present_scores_only_the_classes_of_the_set(
 
 
 def test_select_best_needs_eval_every() -> None:
-    with pytest.raises(ValueError, match=r"resolve: select 'best' .* set eval_every >= 1, got 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"resolve: --select \(select in a config file\) is best, .* set --eval-every >= 1, "
+        r"got 0",
+    ):
         resolve({"select": "best", "steps": 3})
 
 
@@ -709,11 +733,13 @@ def test_batch_and_fsdp_refusals_come_before_loading(tiny: Tiny, tmp_path: Path)
     from robustft.recipes._jobs import check_runtime
 
     two = Runtime(torch.device("cpu"), 0, 2, "fsdp", None)
-    with pytest.raises(ValueError, match=r"clipood: batch_size must be a multiple of world size"):
+    with pytest.raises(
+        ValueError, match=r"--batch-size \(batch_size in a config file\) must be a multiple of the"
+    ):
         check_runtime(resolve({"batch_size": 9}, method="clipood"), two)
     for method in ("l2sp", "flyp"):
         with pytest.raises(
-            ValueError, match=rf"{method}: method '{method}' cannot run under FSDP2"
+            ValueError, match=rf"--distributed fsdp: method '{method}' cannot run under FSDP2"
         ):
             check_runtime(resolve({"batch_size": 8}, method=method), two)
     check_runtime(resolve({"batch_size": 8}, method="clipood"), two)

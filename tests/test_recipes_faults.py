@@ -349,7 +349,7 @@ def test_failfast_on_one_process_reraises_unchanged() -> None:
     runtime = Runtime(torch.device("cpu"))
     with failfast(runtime) as got:
         assert got is runtime
-    error = ValueError("--batch-size (batch_size): must be at most 7")
+    error = ValueError("--batch-size (batch_size in a config file) must be at most 7")
     with pytest.raises(ValueError) as caught, failfast(runtime):
         raise error
     assert caught.value is error
@@ -395,7 +395,7 @@ def test_init_refuses_a_bad_collective_timeout(timeout: Any) -> None:
     from robustft.recipes._runtime import init
 
     with pytest.raises(
-        ValueError, match=r"^--collective-timeout \(collective_timeout\): must be a"
+        ValueError, match=r"^--collective-timeout \(collective_timeout in a config file\) must be a"
     ):
         init(device="cpu", precision="fp32", distributed="ddp", timeout=timeout)
 
@@ -413,12 +413,14 @@ def test_loop_errors_name_flags() -> None:
     one_image = resolve({"batch_size": 2, "steps": 1}, method="ueo")
     with pytest.raises(
         ValueError,
-        match=r"^--batch-size \(batch_size\): must be at most the training set's 1 samples, got 2",
+        match=r"^--batch-size \(batch_size in a config file\) must be at most the training set's 1 "
+        r"samples, got 2",
     ):
         plan(one_image, 1, 2)  # a UEO pool of one image on two ranks: refused, every rank alike
     with pytest.raises(
         ValueError,
-        match=r"^--batch-size \(batch_size\): must be a multiple of the number of ranks x "
+        match=r"^--batch-size \(batch_size in a config file\) must be a multiple of the number of "
+        r"ranks x "
         r"--accumulation = 4 x 3 = 12, got 6$",
     ):
         plan(resolve({"batch_size": 6, "accumulation": 3, "steps": 1}), 60, 4)

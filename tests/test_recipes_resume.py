@@ -275,8 +275,8 @@ def test_resume_refuses_a_changed_computation(
             main(argv(_values(tiny, out, "ft")))
     assert main(["finetune", "--resume", str(out), "--lr", "0.5", "--steps", "99"]) == 2
     err = capsys.readouterr().err
-    assert "finetune: --resume continues the run as configured" in err
-    assert "got new values for ['lr', 'steps']" in err
+    assert "robustft: error: --resume continues the run as it was configured" in err
+    assert "got new values for --steps, --lr" in err
     # allowed changes get past the check (and then stop at the missing checkpoint)
     assert main(["finetune", "--resume", str(out), "--no-progress", "--log-every", "3"]) == 2
     assert "has no checkpoint.pt to resume from" in capsys.readouterr().err

@@ -192,6 +192,12 @@ def test_the_lock_refuses_a_second_writer(tmp_path: Path) -> None:
         """
     )
     with run.locked(tmp_path):
+        claim = f"from robustft.recipes._runfolder import claim; claim({str(tmp_path)!r}, "
+        claim += "command='finetune', overwrite=True, resume=False)"
+        refused = subprocess.run(
+            [sys.executable, "-c", claim], timeout=120, capture_output=True, text=True
+        )
+        assert refused.returncode == 1 and "being written by another" in refused.stderr
         proc = subprocess.run(
             [sys.executable, "-c", script], timeout=120, capture_output=True, text=True
         )

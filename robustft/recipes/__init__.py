@@ -25,21 +25,31 @@ if TYPE_CHECKING:
         load_config_file,
         resolve,
     )
-    from robustft.recipes._data import FolderDataset, class_names, holdout
+    from robustft.recipes._data import BadImageError, FolderDataset, class_names, holdout
     from robustft.recipes._evaluate import Evaluator, threshold_at_tpr
     from robustft.recipes._jobs import evaluate_run, finetune, posthoc
-    from robustft.recipes._loop import Plan, TrainResult, lr_factor, plan, train
+    from robustft.recipes._loop import (
+        Interrupted,
+        NonFiniteLoss,
+        Plan,
+        TrainResult,
+        lr_factor,
+        plan,
+        train,
+    )
     from robustft.recipes._methods import Context, Method, build, fit_linear_head
     from robustft.recipes._model import ClipBundle, SavedModel, load_model, save_model
+    from robustft.recipes._runfolder import RunError
     from robustft.recipes._runtime import Runtime
 
 _HOMES = {
     "_config": ("AVERAGES", "METHODS", "METHOD_DEFAULTS", "SCORES", "RunConfig",
                 "load_config_file", "resolve"),
-    "_data": ("FolderDataset", "class_names", "holdout"),
+    "_data": ("BadImageError", "FolderDataset", "class_names", "holdout"),
     "_evaluate": ("Evaluator", "threshold_at_tpr"),
     "_jobs": ("evaluate_run", "finetune", "posthoc"),
-    "_loop": ("Plan", "TrainResult", "lr_factor", "plan", "train"),
+    "_loop": ("Interrupted", "NonFiniteLoss", "Plan", "TrainResult", "lr_factor", "plan", "train"),
+    "_runfolder": ("RunError",),
     "_methods": ("Context", "Method", "build", "fit_linear_head"),
     "_model": ("ClipBundle", "SavedModel", "load_model", "save_model"),
     "_runtime": ("Runtime",),
@@ -51,13 +61,17 @@ __all__ = [
     "METHODS",
     "METHOD_DEFAULTS",
     "SCORES",
+    "BadImageError",
     "ClipBundle",
     "Context",
     "Evaluator",
     "FolderDataset",
+    "Interrupted",
     "Method",
+    "NonFiniteLoss",
     "Plan",
     "RunConfig",
+    "RunError",
     "Runtime",
     "SavedModel",
     "TrainResult",

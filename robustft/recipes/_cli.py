@@ -227,7 +227,7 @@ def _run_config(option: str, run: str) -> dict[str, Any]:
     """The ``config.json`` of a run folder, or a clear error naming the option."""
     saved = Path(run) / "config.json"
     if not saved.is_file():
-        raise RunError(
+        raise ValueError(
             f"{option} {run!r} must be a run folder holding config.json (written by robustft "
             f"finetune/ueo)"
         )

@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from robustft import averaging
 from robustft.recipes import _checkpoint as ckpt
-from robustft.recipes._config import RunConfig
+from robustft.recipes._config import RunConfig, flag_of
 from robustft.recipes._methods import Method, trained_tree
 from robustft.recipes._runfolder import RunError
 from robustft.recipes._runtime import Agreed, Runtime, autocast, no_sync, quiet_worker, wrap
@@ -87,7 +87,7 @@ def plan(config: RunConfig, dataset_size: int, world: int) -> Plan:
     parts = check_split(None, batch, world, config.accumulation)
     if batch > dataset_size:
         raise ValueError(
-            f"--batch-size (batch_size): must be at most the training set's {dataset_size} "
+            f"{flag_of('batch_size')} must be at most the training set's {dataset_size} "
             f"samples, got {batch} — lower --batch-size or add training images"
         )
     per_epoch = dataset_size // batch
@@ -119,7 +119,7 @@ def check_split(fn: str | None, batch_size: int, world: int, accumulation: int) 
     if batch_size % parts:
         where = f"{fn}: " if fn else ""
         raise ValueError(
-            f"{where}--batch-size (batch_size): must be a multiple of the number of ranks x "
+            f"{where}{flag_of('batch_size')} must be a multiple of the number of ranks x "
             f"--accumulation = {world} x {accumulation} = {parts}, got {batch_size}"
         )
     return parts

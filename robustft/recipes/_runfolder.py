@@ -182,6 +182,8 @@ def claim(folder: str | os.PathLike[str], *, command: str, overwrite: bool, resu
     path = Path(folder).expanduser().absolute()
     kind = _kind(path)
     shown = str(folder)
+    if kind != "absent":
+        _check_unlocked(path)
     if resume:
         if kind in ("absent", "empty", "foreign"):
             raise RunError(
@@ -235,6 +237,28 @@ def clear(folder: Path) -> None:
                 shutil.rmtree(child)
             else:
                 child.unlink()
+
+
+def _check_unlocked(folder: Path) -> None:
+    """Refuse a folder that a running job holds (its lock is taken)."""
+    import fcntl
+
+    path = folder / LOCK
+    if not path.is_file():
+        return
+    try:
+        with open(path, encoding="utf-8") as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = handle.read().strip() or "another process"
+                raise RunError(
+                    f"{str(folder)!r} is being written by another robustft process ({holder}); "
+                    f"wait for it to end, or choose another --output"
+                ) from None
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    except OSError:  # an unreadable lock file: the exclusive lock below decides
+        return
 
 
 @contextlib.contextmanager

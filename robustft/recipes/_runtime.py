@@ -69,6 +69,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from robustft.recipes._config import flag_of
 from robustft.recipes._nets import shard_units
 
 __all__ = [
@@ -147,8 +148,7 @@ def init(
         or timeout <= 0
     ):
         raise ValueError(
-            f"--collective-timeout (collective_timeout): must be a positive number of seconds, "
-            f"got {timeout!r}"
+            f"{flag_of('collective_timeout')} must be a positive number of seconds, got {timeout!r}"
         )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
