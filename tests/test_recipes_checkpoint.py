@@ -29,6 +29,7 @@ from torch import nn
 
 from robustft import averaging
 from robustft.recipes import _checkpoint as ckpt
+from robustft.recipes import _dcp
 from robustft.recipes._runfolder import RunError
 from robustft.recipes._runtime import Runtime
 
@@ -206,8 +207,8 @@ def test_crafted_dcp_metadata_is_refused_without_running(tmp_path: Path, kind: s
     ],
 )
 def test_metadata_unpickler_refuses_every_pair_off_the_list(module: str, name: str) -> None:
-    with pytest.raises(ckpt._Refused, match="DCP metadata never holds"):
-        ckpt._MetadataUnpickler(io.BytesIO(b"")).find_class(module, name)
+    with pytest.raises(_dcp._Refused, match="DCP metadata never holds"):
+        _dcp._MetadataUnpickler(io.BytesIO(b"")).find_class(module, name)
 
 
 def test_metadata_pickle_cannot_write_attributes_onto_a_class(tmp_path: Path) -> None:
@@ -238,7 +239,7 @@ def test_metadata_pickle_cannot_write_attributes_onto_a_class(tmp_path: Path) ->
     (run / "checkpoint.dcp").mkdir(parents=True)
     (run / "checkpoint.dcp" / ".metadata").write_bytes(crafted)
     with pytest.raises(RunError, match=r"sets the state of a type"):
-        ckpt._read_dcp_metadata(run / "checkpoint.dcp")
+        _dcp._read_dcp_metadata(run / "checkpoint.dcp")
     assert Metadata.__repr__ is before
 
 
@@ -255,7 +256,7 @@ def test_a_real_fsdp2_checkpoint_needs_only_the_allow_list(group: Runtime, tmp_p
 
     with open(tmp_path / "checkpoint.dcp" / ".metadata", "rb") as f:
         Recording(f).load()
-    allowed = ckpt._allowed()
+    allowed = _dcp._allowed()
     assert seen <= set(allowed), seen - set(allowed)
     assert ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata") in seen
     # the list itself: exact names in a few modules, no dotted name
@@ -329,7 +330,7 @@ def test_dcp_storage_records_cannot_point_outside_the_folder(
         )
         meta.write_bytes(pickle.dumps(metadata))
         with pytest.raises(RunError, match=why):
-            ckpt._read_dcp_metadata(meta.parent)
+            _dcp._read_dcp_metadata(meta.parent)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -730,7 +730,7 @@ def test_select_best_needs_eval_every() -> None:
 
 def test_batch_and_fsdp_refusals_come_before_loading(tiny: Tiny, tmp_path: Path) -> None:
     from robustft.recipes import Runtime
-    from robustft.recipes._jobs import check_runtime
+    from robustft.recipes._prepare import check_runtime
 
     two = Runtime(torch.device("cpu"), 0, 2, "fsdp", None)
     with pytest.raises(

@@ -270,7 +270,7 @@ def test_sharded_checkpoint_metadata_is_never_unpickled_unsafely(tmp_path: Path)
     crafted files of every kind are in test_recipes_checkpoint.py)."""
     import pickle
 
-    from robustft.recipes._checkpoint import _safe_reader
+    from robustft.recipes._dcp import _safe_reader
     from robustft.recipes._runfolder import RunError
 
     marker = tmp_path / "pwned"

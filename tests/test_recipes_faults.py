@@ -4,8 +4,8 @@
   (:func:`robustft.recipes._runtime.failfast`); a stopped rank ends the job after the collective
   timeout. Real processes (:func:`_dist.launch`) on two gloo ranks, as torchrun starts them.
 - SIGINT and SIGTERM stop :func:`robustft.recipes.train` at a step boundary on every rank, save
-  the checkpoint and raise :class:`~robustft.recipes._loop.Interrupted`; resuming from it gives
-  the uninterrupted run's weights. In this process (the loss raises the signal) and in real
+  the checkpoint and raise :class:`~robustft.recipes._stopping.Interrupted`; resuming from it
+  gives the uninterrupted run's weights. In this process (the loss raises the signal) and in real
   processes (the test sends it, to one rank or to every rank's process group).
 - A non-finite loss stops the run at that step (naming the last good checkpoint) or, with
   ``nonfinite="skip"``, drops the step's update; every rank agrees.
@@ -156,8 +156,8 @@ def _nan_from(k: int, until: int | None = None) -> Hook:
 
 
 def test_nonfinite_loss_stops_at_its_step_naming_the_last_good_checkpoint(tmp_path: Path) -> None:
-    from robustft.recipes._loop import NonFiniteLoss
     from robustft.recipes._runfolder import RunError
+    from robustft.recipes._stopping import NonFiniteLoss
 
     with pytest.raises(NonFiniteLoss) as caught:
         _run(_nan_from(2), run_dir=tmp_path, save_every=1)  # the third step's loss is NaN
@@ -178,7 +178,7 @@ def test_nonfinite_loss_stops_at_its_step_naming_the_last_good_checkpoint(tmp_pa
 
 
 def test_nonfinite_loss_without_a_checkpoint_says_so() -> None:
-    from robustft.recipes._loop import NonFiniteLoss
+    from robustft.recipes._stopping import NonFiniteLoss
 
     with pytest.raises(NonFiniteLoss, match=r"^non-finite loss \(inf\) at step 1; no checkpoint"):
         _run(lambda step, loss: loss + math.inf)
@@ -187,7 +187,7 @@ def test_nonfinite_loss_without_a_checkpoint_says_so() -> None:
 def test_nonfinite_gradient_with_a_finite_loss(tmp_path: Path) -> None:
     """A finite loss whose gradient is NaN: caught by the gradient norm when clipping; otherwise
     the weights turn NaN, which no checkpoint or result ever holds."""
-    from robustft.recipes._loop import NonFiniteLoss
+    from robustft.recipes._stopping import NonFiniteLoss
 
     def nan_gradient(step: int, loss: Tensor) -> Tensor:
         if step != 1:
@@ -259,7 +259,7 @@ def _raise_at(k: int, *signums: int) -> Hook:
 def test_a_signal_stops_at_the_step_boundary_and_resumes_exactly(
     tmp_path: Path, reference: dict[str, Tensor], signum: int
 ) -> None:
-    from robustft.recipes._loop import Interrupted
+    from robustft.recipes._stopping import Interrupted
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(Interrupted) as caught:
@@ -278,7 +278,7 @@ def test_a_signal_stops_at_the_step_boundary_and_resumes_exactly(
 
 def test_a_signal_during_the_last_validation_still_stops(tmp_path: Path) -> None:
     """After the last step's agreement: the run is complete, its checkpoint saved, and it stops."""
-    from robustft.recipes._loop import Interrupted
+    from robustft.recipes._stopping import Interrupted
 
     def validate(tree: Any) -> float:
         signal.raise_signal(signal.SIGTERM)
@@ -326,7 +326,7 @@ def test_no_handlers_outside_the_main_thread() -> None:
 def test_interrupted_and_nonfinite_survive_pickling(tmp_path: Path) -> None:
     import pickle
 
-    from robustft.recipes._loop import Interrupted, NonFiniteLoss
+    from robustft.recipes._stopping import Interrupted, NonFiniteLoss
 
     stop = pickle.loads(pickle.dumps(Interrupted(signal.SIGTERM, 4, tmp_path)))
     assert (stop.signum, stop.step, stop.checkpoint, stop.exit_status) == (15, 4, tmp_path, 143)
@@ -356,8 +356,8 @@ def test_failfast_on_one_process_reraises_unchanged() -> None:
 
 
 def test_one_line_and_exit_status() -> None:
-    from robustft.recipes._loop import Interrupted, NonFiniteLoss
     from robustft.recipes._runtime import exit_status, one_line
+    from robustft.recipes._stopping import Interrupted, NonFiniteLoss
 
     worker = ValueError(
         "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
@@ -460,7 +460,7 @@ def _empty_shards(rank: int, world: int) -> Any:
     import torch.distributed as dist
 
     from robustft.recipes import Runtime
-    from robustft.recipes._loop import NonFiniteLoss
+    from robustft.recipes._stopping import NonFiniteLoss
 
     group = dist.group.WORLD if world > 1 else None
     runtime = Runtime(torch.device("cpu"), rank, world, "ddp" if world > 1 else "single", group)
@@ -534,8 +534,8 @@ def _rank_main() -> None:
     from safetensors.torch import save_file
 
     from robustft.recipes import Evaluator, build, train
-    from robustft.recipes._loop import Interrupted
     from robustft.recipes._runtime import failfast, init
+    from robustft.recipes._stopping import Interrupted
 
     spec = json.loads(sys.argv[1])
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

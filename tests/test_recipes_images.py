@@ -24,8 +24,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from robustft.recipes import _data
-from robustft.recipes._data import BadImageError, FolderDataset, class_names, read_image
+from robustft.recipes import _images
+from robustft.recipes._data import FolderDataset, class_names
+from robustft.recipes._images import BadImageError, read_image
 
 FIX = " — remove or fix it, or pass --skip-bad-images"
 
@@ -277,13 +278,13 @@ def test_skip_bad_images_drops_and_reports(tmp_path: Path, monkeypatch: pytest.M
 def test_no_decoding_up_front_without_skip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = _mixed(tmp_path)
     calls: list[str] = []
-    decode = _data._decode
+    decode = _images._decode
 
     def counting(path: str) -> Image.Image:
         calls.append(path)
         return decode(path)
 
-    monkeypatch.setattr(_data, "_decode", counting)
+    monkeypatch.setattr(_images, "_decode", counting)
     data = FolderDataset(root, ["a", "b"])
     assert calls == [] and data.skipped == [] and len(data) == 6
     _ = data[0]

@@ -23,7 +23,7 @@ from robustft import clip, metrics, tree
 from robustft.demo._data import CAPTIONS, SHIFTS, Splits, load_splits, normalize
 from robustft.demo._model import build_model, build_tokenizer, pretrain
 from robustft.recipes import Context, Runtime, TrainResult, build, resolve, train
-from robustft.recipes._jobs import HELDOUT_TEXT_SEED
+from robustft.recipes._report import HELDOUT_TEXT_SEED
 
 __all__ = [
     "FULL",
@@ -44,7 +44,7 @@ __all__ = [
 Tree = dict[str, Tensor]
 HELDOUT_SEED = HELDOUT_TEXT_SEED
 """Seed of the held-out random-text bank of the energy-gap column: the command line's own
-(:data:`robustft.recipes._jobs.HELDOUT_TEXT_SEED`), which no Lipsum-FT training step draws."""
+(:data:`robustft.recipes._report.HELDOUT_TEXT_SEED`), which no Lipsum-FT training step draws."""
 
 
 class Preset(NamedTuple):

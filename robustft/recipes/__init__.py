@@ -25,34 +25,30 @@ if TYPE_CHECKING:
         load_config_file,
         resolve,
     )
-    from robustft.recipes._data import BadImageError, FolderDataset, class_names, holdout
+    from robustft.recipes._data import FolderDataset, class_names, holdout
     from robustft.recipes._evaluate import Evaluator, threshold_at_tpr
+    from robustft.recipes._images import BadImageError
     from robustft.recipes._jobs import evaluate_run, finetune, posthoc
-    from robustft.recipes._loop import (
-        Interrupted,
-        NonFiniteLoss,
-        Plan,
-        TrainResult,
-        lr_factor,
-        plan,
-        train,
-    )
+    from robustft.recipes._loop import Plan, TrainResult, lr_factor, plan, train
     from robustft.recipes._methods import Context, Method, build, fit_linear_head
     from robustft.recipes._model import ClipBundle, SavedModel, load_model, save_model
     from robustft.recipes._runfolder import RunError
     from robustft.recipes._runtime import Runtime
+    from robustft.recipes._stopping import Interrupted, NonFiniteLoss
 
 _HOMES = {
     "_config": ("AVERAGES", "METHODS", "METHOD_DEFAULTS", "SCORES", "RunConfig",
                 "load_config_file", "resolve"),
-    "_data": ("BadImageError", "FolderDataset", "class_names", "holdout"),
+    "_data": ("FolderDataset", "class_names", "holdout"),
     "_evaluate": ("Evaluator", "threshold_at_tpr"),
+    "_images": ("BadImageError",),
     "_jobs": ("evaluate_run", "finetune", "posthoc"),
-    "_loop": ("Interrupted", "NonFiniteLoss", "Plan", "TrainResult", "lr_factor", "plan", "train"),
+    "_loop": ("Plan", "TrainResult", "lr_factor", "plan", "train"),
     "_runfolder": ("RunError",),
     "_methods": ("Context", "Method", "build", "fit_linear_head"),
     "_model": ("ClipBundle", "SavedModel", "load_model", "save_model"),
     "_runtime": ("Runtime",),
+    "_stopping": ("Interrupted", "NonFiniteLoss"),
 }  # fmt: skip
 _HOME = {name: module for module, names in _HOMES.items() for name in names}
 

@@ -401,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     full traceback only with ``--debug``.
     """
     args = parser().parse_args(argv)
-    from robustft.recipes._loop import Interrupted
+    from robustft.recipes._stopping import Interrupted
 
     try:
         return _run(args)

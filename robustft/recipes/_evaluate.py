@@ -133,7 +133,7 @@ class Evaluator:
             worker_init_fn=quiet_worker if self.workers else None,
         )
 
-    def _pass(self, dataset: Dataset[Any]) -> tuple[Tensor, Tensor, Tensor]:
+    def outputs(self, dataset: Dataset[Any]) -> tuple[Tensor, Tensor, Tensor]:
         """Features ``[n, dim]``, logits ``[n, classes]`` (float32, CPU) and labels ``[n]`` of the
         whole set, on this process (``n`` may be 0)."""
         classes, dim = self.replica.head.shape
@@ -148,12 +148,12 @@ class Evaluator:
 
     def logits_and_labels(self, dataset: Dataset[Any]) -> tuple[Tensor, Tensor]:
         """``[n, classes]`` float32 logits and ``[n]`` labels of the whole set (this process)."""
-        _, logits, labels = self._pass(dataset)
+        _, logits, labels = self.outputs(dataset)
         return logits, labels
 
     def features_and_labels(self, dataset: Dataset[Any]) -> tuple[Tensor, Tensor]:
         """``[n, dim]`` normalised float32 image features and ``[n]`` labels (this process)."""
-        features, _, labels = self._pass(dataset)
+        features, _, labels = self.outputs(dataset)
         return features, labels
 
     def _mask(self, classes: Sequence[int] | None) -> Tensor | None:
