@@ -28,10 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from robustft.recipes._dcp import DCP as DCP
-from robustft.recipes._dcp import RESTART, agree, counters, load_dcp, save_dcp
+from robustft.recipes._dcp import RESTART, counters, load_dcp, save_dcp
 from robustft.recipes._methods import trained_tree
 from robustft.recipes._runfolder import RunError, atomic_write
-from robustft.recipes._runtime import Runtime
+from robustft.recipes._runtime import Runtime, fail_together
 from robustft.recipes._weights import load_tree, mismatches, read_metadata, save_tree, specs
 
 __all__ = ["Loaded", "load", "load_tree", "read_metadata", "save", "save_tree", "trim_metrics"]
@@ -102,7 +102,9 @@ def save(
             atomic_write(Path(run_dir) / PT, _torch_save(payload))
         except RunError as err:
             error = err
-    agree(error, runtime, f"rank 0 could not write {str(Path(run_dir) / PT)!r} (see its error)")
+    fail_together(
+        error, runtime, f"rank 0 could not write {str(Path(run_dir) / PT)!r} (see its error)"
+    )
 
 
 def _read_pt(path: Path, device: torch.device) -> Any:
@@ -204,7 +206,7 @@ def load(
         _check_pt(path, payload, module, state)
     except (FileNotFoundError, RunError) as err:
         error = err
-    agree(error, runtime, f"another rank could not read {str(path)!r} (see its error)")
+    fail_together(error, runtime, f"another rank could not read {str(path)!r} (see its error)")
     try:  # first: it refuses a foreign state before changing anything
         optimizer.load_state_dict(payload["optimizer"])
     except (ValueError, KeyError, TypeError, RuntimeError) as err:

@@ -15,7 +15,8 @@
 
 :func:`save_dcp` and :func:`load_dcp` are what :func:`robustft.recipes._checkpoint.save` and
 :func:`~robustft.recipes._checkpoint.load` do under FSDP2; the pieces both checkpoint formats
-share (:func:`agree`, :func:`counters`, :data:`RESTART`) live here too.
+share (:func:`counters`, :data:`RESTART`) live here too; a failure on one rank is raised on every
+rank by :func:`robustft.recipes._runtime.fail_together`.
 """
 
 from __future__ import annotations
@@ -34,37 +35,17 @@ from pathlib import Path
 from typing import Any, ClassVar, cast
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from robustft.recipes._runfolder import RunError, write_error
-from robustft.recipes._runtime import Runtime
+from robustft.recipes._runtime import Runtime, fail_together
 from robustft.recipes._weights import mismatches
 
-__all__ = ["DCP", "RESTART", "agree", "counters", "load_dcp", "save_dcp"]
+__all__ = ["DCP", "RESTART", "counters", "load_dcp", "save_dcp"]
 
 DCP = "checkpoint.dcp"
 _TMP, _OLD, _META = DCP + ".tmp", DCP + ".old", ".metadata"
 RESTART = "start the run again with --overwrite (or from an earlier copy of the run folder)"
-
-
-# ---------------------------------------------------------------------------------------------
-# ranks agree on a failure
-
-
-def agree(error: BaseException | None, runtime: Runtime, other: str) -> None:
-    """Raise ``error`` on its rank and a :class:`RunError` saying ``other`` on every other rank.
-
-    A collective under several processes (it also orders what comes after it behind what came
-    before on every rank, like a barrier), so one rank's failure never leaves the others waiting.
-    """
-    if runtime.world > 1:
-        flag = torch.tensor(0 if error is None else 1, device=runtime.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=runtime.group)
-        if error is None and int(flag):
-            raise RunError(other)
-    if error is not None:
-        raise error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +362,7 @@ def save_dcp(
             _tidy_dcp(run_dir)
         except OSError as err:
             error = write_error(tmp, err)
-    agree(error, runtime, f"rank 0 could not prepare {str(tmp)!r} (see its error)")
+    fail_together(error, runtime, f"rank 0 could not prepare {str(tmp)!r} (see its error)")
     try:
         dcp.save(app, checkpoint_id=str(tmp))
     except (CheckpointException, OSError, RuntimeError) as err:  # every rank gets DCP's error
@@ -397,7 +378,7 @@ def save_dcp(
             _rotate_dcp(run_dir)
         except OSError as err:
             error = write_error(final, err)
-    agree(error, runtime, f"rank 0 could not rename {str(tmp)!r} (see its error)")
+    fail_together(error, runtime, f"rank 0 could not rename {str(tmp)!r} (see its error)")
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -435,7 +416,7 @@ def load_dcp(
         metadata = _read_dcp_metadata(folder)
     except (FileNotFoundError, RunError) as err:
         error = err
-    agree(error, runtime, f"another rank could not read {str(folder)!r} (see its error)")
+    fail_together(error, runtime, f"another rank could not read {str(folder)!r} (see its error)")
     app, model_sd, optim_sd = _dcp_state(module, optimizer, state)
     app["loop"] = {"step": torch.tensor(0), "best_score": torch.tensor(0.0, dtype=torch.float64)}
     saved = {k: (v.size, v.properties.dtype) for k, v in metadata.state_dict_metadata.items()}

@@ -35,7 +35,6 @@ from robustft.recipes._loop import TrainResult, plan, train
 from robustft.recipes._methods import Context, build, fit_linear_head
 from robustft.recipes._prepare import (
     Prepared,
-    agree,
     check_runtime,
     main_log,
     prepare,
@@ -51,7 +50,7 @@ from robustft.recipes._report import (
     write_results,
 )
 from robustft.recipes._runfolder import RunError
-from robustft.recipes._runtime import Runtime, failfast
+from robustft.recipes._runtime import Runtime, failfast, on_rank0
 
 __all__ = ["evaluate_run", "finetune", "main_evaluate", "main_finetune", "main_posthoc", "posthoc"]
 
@@ -120,9 +119,10 @@ def finetune(
     config = run.absolute(config)
     runtime = runtime or runtime_of(config)
     check_runtime(config, runtime)
-    out = agree(
+    out = on_rank0(
         runtime,
         lambda: run.claim(config.output, command=command, overwrite=overwrite, resume=resume),
+        f"claim --output {config.output}",
     )
     recorded = run.read_record(out, option="--resume") if resume else {}
     if recorded.get("status") == "finished":
@@ -347,9 +347,10 @@ def posthoc(
         raise FileNotFoundError(f"{fn}: --runs must hold {weights}.safetensors, missing {missing}")
     config = run.absolute(config)
     runtime = runtime or runtime_of(config)
-    out = agree(
+    out = on_rank0(
         runtime,
         lambda: run.claim(config.output, command="posthoc", overwrite=overwrite, resume=False),
+        f"claim --output {config.output}",
     )
     prep = prepare(config, supervised=True, runtime=runtime)
     _check_mixed(runs, prep, allow_mixed)
@@ -517,9 +518,10 @@ def main_evaluate(
     with failfast(runtime, debug=debug):
         out = None
         if output is not None:
-            out = agree(
+            out = on_rank0(
                 runtime,
                 lambda: run.claim(output, command="evaluate", overwrite=overwrite, resume=False),
+                f"claim --output {output}",
             )
         payload = evaluate_run(config, weights, recorded=recorded, runtime=runtime)
         if runtime.main:

@@ -26,13 +26,11 @@ from robustft.recipes._loop import check_split
 from robustft.recipes._methods import DDP_ONLY
 from robustft.recipes._model import ClipBundle, load_model
 from robustft.recipes._nets import visual_tower
-from robustft.recipes._runfolder import RunError
 from robustft.recipes._runtime import Runtime, init
 
 __all__ = [
     "Data",
     "Prepared",
-    "agree",
     "check_runtime",
     "load_data",
     "main_log",
@@ -302,24 +300,3 @@ def check_runtime(config: RunConfig, runtime: Runtime) -> None:
             f"--distributed fsdp: method {config.method!r} cannot run under FSDP2 "
             f"({DDP_ONLY[config.method]}); use --distributed ddp"
         )
-
-
-def agree(runtime: Runtime, work: Callable[[], Any]) -> Any:
-    """Run ``work`` on rank 0 and give its result, or its failure, to every rank.
-
-    Every rank then raises the same error (so none is left waiting in a collective), and
-    ``work``'s side effects (creating, clearing the run folder) happen once.
-    """
-    if runtime.world == 1:
-        return work()
-    box: list[Any] = [None]
-    if runtime.main:
-        try:
-            box[0] = ("ok", work())
-        except (RunError, ValueError, FileNotFoundError) as err:
-            box[0] = ("error", type(err).__name__, str(err))
-    torch.distributed.broadcast_object_list(box, src=0, group=runtime.group)
-    if box[0][0] == "error":
-        kinds = {"RunError": RunError, "ValueError": ValueError}
-        raise kinds.get(box[0][1], FileNotFoundError)(box[0][2])
-    return box[0][1]

@@ -28,6 +28,10 @@ others blocked in a collective:
   collective (:class:`Agreed`: an interrupt, a non-finite loss) leaves the group consistent:
   the group is destroyed, rank 0 re-raises it (the command prints its message) and the other
   ranks exit quietly with its status.
+- A check or a write that rank 0 alone does (claiming the run folder, writing a checkpoint) is
+  shared with a collective (:func:`on_rank0`, :func:`fail_together`): rank 0 raises its own
+  error and the other ranks an :class:`EchoError`, which :func:`failfast` never prints, so the
+  message printed is always the failing rank's own.
 - On one process :func:`failfast` re-raises every exception unchanged.
 
 Exit statuses of a failing rank: 2 for a bad setting or input (``ValueError``, ``TypeError``,
@@ -61,7 +65,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -71,14 +75,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from robustft.recipes._config import flag_of
 from robustft.recipes._nets import shard_units
+from robustft.recipes._runfolder import RunError
 
 __all__ = [
     "Agreed",
+    "EchoError",
     "Runtime",
     "autocast",
     "exit_status",
+    "fail_together",
     "failfast",
     "init",
+    "on_rank0",
     "one_line",
     "quiet_worker",
     "shutdown",
@@ -354,7 +362,7 @@ def _library_line(error: BaseException) -> str:
 def _fail(runtime: Runtime, error: BaseException, *, debug: bool) -> None:
     """Print ``error`` if this rank failed first, then leave the process at once."""
     status = 1 if (trouble := _collective_trouble(error)) else exit_status(error)
-    first = _first_failure(runtime)
+    first = False if isinstance(error, EchoError) else _first_failure(runtime)
     try:
         if debug:
             traceback.print_exception(error)
@@ -371,6 +379,47 @@ def _fail(runtime: Runtime, error: BaseException, *, debug: bool) -> None:
             with contextlib.suppress(Exception):
                 child.kill()
         os._exit(status)
+
+
+class EchoError(RunError):
+    """Another rank's failure, raised on this rank too so that it leaves as well.
+
+    :func:`failfast` never prints it: the rank that failed prints its own error.
+    """
+
+
+def fail_together(error: BaseException | None, runtime: Runtime, other: str) -> None:
+    """Raise ``error`` on its rank and an :class:`EchoError` saying ``other`` on every other rank.
+
+    A collective under several processes (one ``all_reduce``; it also orders what comes after
+    it behind what came before on every rank, like a barrier), so one rank's failure never leaves
+    the others waiting; a no-op without an error on one process.
+    """
+    if runtime.world > 1:
+        flag = torch.tensor(0 if error is None else 1, device=runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=runtime.group)
+        if error is None and int(flag):
+            raise EchoError(other)
+    if error is not None:
+        raise error
+
+
+def on_rank0(runtime: Runtime, work: Callable[[], Any], what: str) -> Any:
+    """Run ``work`` on rank 0 only (its side effects happen once) and give its result to every
+    rank; if it fails, rank 0 raises its error and every other rank an :class:`EchoError` naming
+    ``what`` failed (a collective under several processes)."""
+    if runtime.world == 1:
+        return work()
+    box: list[Any] = [None]
+    error: BaseException | None = None
+    if runtime.main:
+        try:
+            box[0] = work()
+        except Exception as err:  # every rank must reach the broadcast below
+            error = err
+    fail_together(error, runtime, f"rank 0 could not {what} (see its error)")
+    dist.broadcast_object_list(box, src=0, group=runtime.group)
+    return box[0]
 
 
 @contextlib.contextmanager
