@@ -635,10 +635,10 @@ def test_bad_values_exit_2_before_creating_the_run(
 @pytest.mark.parametrize(
     ("field", "message"),
     [
-        ("train", "class_names: root must be an existing directory, got '{missing}'"),
-        ("val", "FolderDataset: root must be an existing directory, got '{missing}'"),
-        ("eval", "FolderDataset: root must be an existing directory, got '{missing}'"),
-        ("classnames", "class_names: names_file must be an existing file, got '{missing}'"),
+        ("train", "--train '{missing}' is not an existing directory"),
+        ("val", "--val '{missing}' is not an existing directory"),
+        ("eval", "--eval x='{missing}' is not an existing directory"),
+        ("classnames", "--classnames '{missing}' is not an existing file"),
     ],
 )
 def test_missing_folders(

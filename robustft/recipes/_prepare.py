@@ -19,7 +19,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from robustft import clip
 from robustft.recipes import _runfolder as run
-from robustft.recipes._config import UNSUPERVISED, RunConfig
+from robustft.recipes._config import NAMED_SETS, UNSUPERVISED, RunConfig
 from robustft.recipes._data import FolderDataset, class_names, holdout
 from robustft.recipes._evaluate import Evaluator
 from robustft.recipes._loop import check_split
@@ -126,6 +126,20 @@ def load_data(config: RunConfig, bundle: ClipBundle, *, supervised: bool) -> Dat
     """
     fn = config.method
     skip = config.skip_bad_images
+    for flag, folder_path in (("--train", config.train), ("--val", config.val)):
+        if folder_path and not Path(folder_path).is_dir():
+            raise FileNotFoundError(
+                f"{flag} {folder_path!r} is not an existing directory (an image folder root: one "
+                f"sub-folder per class)"
+            )
+    for field in NAMED_SETS:
+        for set_name, set_path in getattr(config, field).items():
+            if not Path(set_path).is_dir():
+                raise FileNotFoundError(
+                    f"--{field} {set_name}={set_path!r} is not an existing directory"
+                )
+    if config.classnames and not Path(config.classnames).is_file():
+        raise FileNotFoundError(f"--classnames {config.classnames!r} is not an existing file")
     folders, names = class_names(config.train, config.classnames)
 
     def folder(root: str, name: str, transform: Any, **kw: Any) -> FolderDataset:
