@@ -299,3 +299,27 @@ def test_one_line_messages() -> None:
     assert one_line(worker) == "train: cannot read image 'a.png': truncated"
     assert one_line(ValueError("a\nb")) == "a b"
     assert one_line(KeyError()) == "KeyError"
+
+
+def test_damaged_run_files_are_one_line_errors(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text('{"status": "fini')
+    with pytest.raises(RunError) as info:
+        run.read_record(tmp_path, option="--run")
+    message = str(info.value)
+    assert message.startswith("--run: ") and "run.json" in message and "damaged" in message
+    assert "\n" not in message
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(RunError, match=r"config.json' must hold a JSON object"):
+        run.read_json(tmp_path / "config.json", option="--resume")
+    assert run.read_record(tmp_path / "absent", option="--run") == {}
+
+
+def test_write_record_holds_the_job_and_its_facts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    run.write_record(tmp_path, command="evaluate", status="finished", weights=["last"])
+    record = run.read_record(tmp_path, option="--run")
+    assert record["command"] == "evaluate" and record["status"] == "finished"
+    assert record["weights"] == ["last"] and record["cwd"] == str(tmp_path)
+    assert set(record["versions"]) >= {"robustft", "torch"} and isinstance(record["argv"], list)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import signal
 import sys
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from robustft.recipes._config import SUPERVISED, UNSUPERVISED, RunConfig, load_config_file, resolve
-from robustft.recipes._runfolder import RunError, read_record
+from robustft.recipes._runfolder import RunError, read_json, read_record
 from robustft.recipes._runtime import one_line
 
 __all__ = ["main", "parser"]
@@ -231,13 +230,7 @@ def _run_config(option: str, run: str) -> dict[str, Any]:
             f"{option} {run!r} must be a run folder holding config.json (written by robustft "
             f"finetune/ueo)"
         )
-    try:
-        data = json.loads(saved.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise RunError(f"{option}: {str(saved)!r} is damaged ({err})") from err
-    if not isinstance(data, dict):
-        raise RunError(f"{option}: {str(saved)!r} must hold a JSON object of settings")
-    return data
+    return read_json(saved, option=option)
 
 
 def _relocate(values: dict[str, Any], overrides: Sequence[str] | None, run: str) -> None:
@@ -251,16 +244,10 @@ def _relocate(values: dict[str, Any], overrides: Sequence[str] | None, run: str)
             )
         values[field] = str(Path(path).expanduser().absolute())
     saved = str(Path(run) / "config.json")
-    for field in ("train", "val", "classnames"):
+    for field in MOVABLE:  # model, pretrained, templates may be names (ViT-B-16, openai): not paths
         value = values.get(field)
-        if value and not Path(value).exists():
-            raise RunError(
-                f"{_flag(field)} {value!r}, recorded in {saved!r}, no longer exists — move it "
-                f"back, or point to its new place with --override {field}=PATH"
-            )
-    for field in ("model", "pretrained", "templates"):
-        value = values.get(field)
-        if value and Path(value).is_absolute() and not Path(value).exists():
+        is_path = field in ("train", "val", "classnames") or Path(value or "").is_absolute()
+        if value and is_path and not Path(value).exists():
             raise RunError(
                 f"{_flag(field)} {value!r}, recorded in {saved!r}, no longer exists — move it "
                 f"back, or point to its new place with --override {field}=PATH"

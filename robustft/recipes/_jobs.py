@@ -18,7 +18,6 @@ Each job reads image folders, loads the open_clip model, runs the method through
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,20 +52,6 @@ from robustft.recipes._runfolder import RunError
 from robustft.recipes._runtime import Runtime, failfast, on_rank0
 
 __all__ = ["evaluate_run", "finetune", "main_evaluate", "main_finetune", "main_posthoc", "posthoc"]
-
-
-def _record(out: Path, prep: Prepared, config: RunConfig, *, command: str, status: str) -> None:
-    import sys
-
-    record = {
-        "command": command,
-        "status": status,
-        "argv": sys.argv,
-        "cwd": str(Path.cwd()),
-        "versions": run.versions(),
-        **prep.facts,
-    }
-    run.write_json(out / "run.json", record)
 
 
 def finetune(
@@ -131,8 +116,7 @@ def finetune(
             f"robustft: run {config.output!r} is already finished; nothing to do (evaluate it on "
             f"other sets with: robustft evaluate --run {config.output} --eval NAME=DIR)"
         )
-        saved: dict[str, Any] = json.loads((out / "results.json").read_text(encoding="utf-8"))
-        return saved
+        return run.read_json(out / "results.json", option="--resume")
     with run.locked(out, active=runtime.main):
         return _finetune(config, out, runtime, resume, recorded, command)
 
@@ -157,7 +141,7 @@ def _finetune(
         )
     if rt.main:
         run.write_json(out / "config.json", config.to_json())
-        _record(out, prep, config, command=command, status="running")
+        run.write_record(out, command=command, status="running", **prep.facts)
         if not resume:
             run.atomic_write(out / "metrics.jsonl", "")
     if rt.world > 1:
@@ -212,7 +196,7 @@ def _finetune(
     }
     if rt.main:
         log(write_results(out, config.method, payload))
-        _record(out, prep, config, command=command, status="finished")
+        run.write_record(out, command=command, status="finished", **prep.facts)
     return payload
 
 
@@ -362,6 +346,7 @@ def _check_mixed(runs: Sequence[str], prep: Prepared, allow_mixed: bool) -> None
     """Refuse to combine run folders whose classes (always), method, model or splits differ."""
     records = {r: run.read_record(Path(r), option="--runs") for r in runs if Path(r).is_dir()}
     base_name, base = next(iter(records.items()), ("", {}))
+    cfg_a = run.read_json(Path(base_name) / "config.json", option="--runs") if records else {}
     for name, rec in records.items():
         change = run.classes_change(
             rec.get("classes", prep.facts["classes"]), prep.facts["classes"]
@@ -372,8 +357,7 @@ def _check_mixed(runs: Sequence[str], prep: Prepared, allow_mixed: bool) -> None
             )
         if allow_mixed or name == base_name:
             continue
-        cfg_a = json.loads((Path(base_name) / "config.json").read_text(encoding="utf-8"))
-        cfg_b = json.loads((Path(name) / "config.json").read_text(encoding="utf-8"))
+        cfg_b = run.read_json(Path(name) / "config.json", option="--runs")
         keys = ["method", "model", "pretrained", "train", "val", "classnames"]
         if cfg_a.get("val") is None and cfg_b.get("val") is None:  # split held out of train
             keys += ["val_fraction", "seed"]
@@ -447,7 +431,7 @@ def _posthoc(
     }
     if rt.main:
         main_log(rt)(write_results(out, kind, payload))
-        _record(out, prep, config, command="posthoc", status="finished")
+        run.write_record(out, command="posthoc", status="finished", **prep.facts)
     return payload
 
 
@@ -528,14 +512,9 @@ def main_evaluate(
             if out is not None:
                 with run.locked(out):
                     print(write_results(out, "evaluate", payload))
-                    record = {
-                        "command": "evaluate",
-                        "status": "finished",
-                        "weights": list(weights),
-                        "cwd": str(Path.cwd()),
-                        "versions": run.versions(),
-                    }
-                    run.write_json(out / "run.json", record)
+                    run.write_record(
+                        out, command="evaluate", status="finished", weights=list(weights)
+                    )
             else:
                 print(summary_tables(payload))
         return payload

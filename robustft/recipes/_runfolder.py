@@ -25,11 +25,13 @@ __all__ = [
     "classes_change",
     "fingerprint",
     "locked",
+    "read_json",
     "read_record",
     "state",
     "versions",
     "write_error",
     "write_json",
+    "write_record",
 ]
 
 
@@ -329,24 +331,48 @@ def versions() -> dict[str, str]:
     return out
 
 
+def read_json(path: Path, *, option: str) -> dict[str, Any]:
+    """A JSON-object file of a run folder (``config.json``, ``run.json``, ``results.json``).
+
+    Raises:
+        RunError: naming ``option`` and the file, if it cannot be read, is not valid JSON or does
+            not hold an object.
+    """
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunError(
+            f"{option}: {str(path)!r} is damaged ({err}); the run cannot be read or checked"
+        ) from err
+    if not isinstance(value, dict):
+        raise RunError(f"{option}: {str(path)!r} must hold a JSON object")
+    return value
+
+
 def read_record(folder: Path, *, option: str) -> dict[str, Any]:
     """The ``run.json`` of a run folder (``{}`` for runs written before it existed).
 
     Raises:
-        RunError: the file exists but is not valid JSON.
+        RunError: the file exists but is damaged (:func:`read_json`).
     """
     path = folder / "run.json"
-    if not path.exists():
-        return {}
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise RunError(
-            f"{option}: {str(path)!r} is damaged ({err}); the run cannot be checked"
-        ) from err
-    if not isinstance(record, dict):
-        raise RunError(f"{option}: {str(path)!r} must hold a JSON object")
-    return record
+    return read_json(path, option=option) if path.exists() else {}
+
+
+def write_record(folder: Path, *, command: str, status: str, **facts: Any) -> None:
+    """Write ``run.json``: the job, its status, the command line, the working directory, the
+    versions, and ``facts`` (the classes, templates, preprocessing and data a run saw)."""
+    import sys
+
+    record = {
+        "command": command,
+        "status": status,
+        "argv": sys.argv,
+        "cwd": str(Path.cwd()),
+        "versions": versions(),
+        **facts,
+    }
+    write_json(folder / "run.json", record)
 
 
 def classes_change(before: Sequence[Sequence[str]], now: Sequence[Sequence[str]]) -> str | None:
