@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -362,3 +363,270 @@ def test_compiled_regulariser_fullgraph_no_recompiles(bank: clip.RandomTextBank)
     assert counters["stats"]["unique_graphs"] == 1
     assert sum(counters["recompiles"].values()) == 0
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- a given vocabulary
+
+# chi-square critical values at p = 1e-6 (scipy.stats.chi2.ppf(1 - 1e-6, dof)): a hypothesis
+# search over many vocabularies and seeds must not fail by chance
+CHI2_1E6 = {1: 23.928, 2: 27.631, 3: 30.665, 4: 33.377, 5: 35.888, 6: 38.258, 7: 40.522}
+
+
+def _old_tokens(
+    n: int, length: int, context: int, g: torch.Generator, v: int, sot: int, eot: int
+) -> torch.Tensor:
+    """The draw of ``random_text_tokens`` before ``vocabulary`` existed, written out."""
+    body = torch.randint(0, v - 2, (n, length), generator=g)
+    lo, hi = sorted((sot, eot))
+    body = body + (body >= lo).long()
+    body = body + (body >= hi).long()
+    out = torch.zeros(n, context, dtype=torch.long)
+    out[:, 0], out[:, 1 : length + 1], out[:, length + 1] = sot, body, eot
+    return out
+
+
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 6), length=st.integers(1, 8))
+def test_no_vocabulary_is_bit_identical_to_before(seed: int, n: int, length: int) -> None:
+    for tok_, (v, sot, eot), context in (
+        (None, (49408, 49406, 49407), 77),
+        (TinyVocab(), (10, 3, 9), 12),
+    ):
+        g_new, g_old = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        new = clip.random_text_tokens(n, length=length, generator=g_new, tokenizer=tok_)
+        old = _old_tokens(n, length, context, g_old, v, sot, eot)
+        assert torch.equal(new, old)
+        # the same number of draws: the generator is left in the same state
+        assert torch.equal(g_new.get_state(), g_old.get_state())
+        again = clip.random_text_tokens(
+            n,
+            length=length,
+            generator=torch.Generator().manual_seed(seed),
+            tokenizer=tok_,
+            vocabulary=None,
+        )
+        assert torch.equal(again, new)
+
+
+def test_the_whole_vocabulary_given_equals_the_default() -> None:
+    # the default maps draw i to the i-th non-special id: giving those ids sorted is the same draw
+    for tok_, ids in (
+        (None, torch.arange(49406)),
+        (TinyVocab(), torch.tensor([0, 1, 2, 4, 5, 6, 7, 8])),
+    ):
+        a = clip.random_text_tokens(50, generator=torch.Generator().manual_seed(4), tokenizer=tok_)
+        b = clip.random_text_tokens(
+            50, generator=torch.Generator().manual_seed(4), tokenizer=tok_, vocabulary=ids
+        )
+        assert torch.equal(a, b)
+
+
+@given(
+    ids=st.sets(st.integers(0, 49405), min_size=1, max_size=12),
+    seed=st.integers(0, 2**31),
+    as_list=st.booleans(),
+)
+def test_vocabulary_draws_only_its_ids_in_the_layout(
+    ids: set[int], seed: int, as_list: bool
+) -> None:
+    given_ids = sorted(ids, reverse=True)  # any order
+    vocabulary = given_ids if as_list else torch.tensor(given_ids, dtype=torch.int32)
+    t = clip.random_text_tokens(
+        64, length=5, generator=torch.Generator().manual_seed(seed), vocabulary=vocabulary
+    )
+    assert t.dtype == torch.long and t.shape == (64, 77)
+    assert set(t[:, 1:6].flatten().tolist()) <= ids
+    assert (t[:, 0] == 49406).all() and (t[:, 6] == 49407).all() and (t[:, 7:] == 0).all()
+    assert (t.argmax(dim=-1) == 6).all()  # EOT stays each row's largest id
+
+
+@given(ids=st.sets(st.integers(0, 49405), min_size=2, max_size=8), seed=st.integers(0, 2**31))
+def test_vocabulary_draws_are_uniform(ids: set[int], seed: int) -> None:
+    vocabulary = torch.tensor(sorted(ids))
+    t = clip.random_text_tokens(
+        500, length=8, generator=torch.Generator().manual_seed(seed), vocabulary=vocabulary
+    )
+    body = t[:, 1:9].flatten()
+    counts = (body.unsqueeze(1) == vocabulary.unsqueeze(0)).sum(0)
+    assert int(counts.sum()) == 4000  # every token is one of the ids
+    assert chi_square(counts) < CHI2_1E6[len(ids) - 1]
+
+
+def test_vocabulary_draws_uniform_chi_square_fixed_seed() -> None:
+    vocabulary = [0, 5, 17, 300, 4000, 20000, 49000, 49405]
+    t = clip.random_text_tokens(
+        1000, length=8, generator=torch.Generator().manual_seed(6), vocabulary=vocabulary
+    )
+    counts = torch.stack([(t[:, 1:9] == i).sum() for i in vocabulary])
+    assert int(counts.sum()) == 8000 and chi_square(counts) < CHI2_999[7]
+
+
+def test_vocabulary_on_a_device_and_the_global_generator() -> None:
+    vocabulary = torch.tensor([4, 8, 15, 16, 23, 42])
+    torch.manual_seed(3)
+    a = clip.random_text_tokens(7, length=4, vocabulary=vocabulary, device="cpu")
+    torch.manual_seed(3)
+    b = clip.random_text_tokens(7, length=4, vocabulary=vocabulary.tolist())
+    assert torch.equal(a, b) and set(a[:, 1:5].flatten().tolist()) <= set(vocabulary.tolist())
+
+
+def test_vocabulary_errors() -> None:
+    for fn, call in (
+        ("random_text_tokens", lambda v, **kw: clip.random_text_tokens(2, vocabulary=v, **kw)),
+        (
+            r"RandomTextBank\.from_model",
+            lambda v, **kw: clip.RandomTextBank.from_model(tiny_vit_clip(), 2, vocabulary=v, **kw),
+        ),
+    ):
+        with pytest.raises(ValueError, match=rf"{fn}: vocabulary must hold at least one token"):
+            call([])
+        with pytest.raises(ValueError, match=rf"{fn}: vocabulary must hold at least one token"):
+            call(torch.zeros(0, dtype=torch.long))
+        with pytest.raises(ValueError, match=rf"{fn}: vocabulary must be a 1-D .*shape=\(2, 2\)"):
+            call(torch.ones(2, 2, dtype=torch.long))
+        with pytest.raises(TypeError, match=rf"{fn}: vocabulary must be a 1-D .*float32"):
+            call(torch.tensor([1.0, 2.0]))
+        with pytest.raises(TypeError, match=rf"{fn}: vocabulary must be .*torch.bool"):
+            call(torch.tensor([True, False]))
+        with pytest.raises(TypeError, match=rf"{fn}: vocabulary must be .*got an entry True"):
+            call([1, True])
+        with pytest.raises(TypeError, match=rf"{fn}: vocabulary must be .*got an entry 2.0"):
+            call([1, 2.0])
+        with pytest.raises(TypeError, match=rf"{fn}: vocabulary must be .*got 'abc'"):
+            call("abc")
+        with pytest.raises(TypeError, match=rf"{fn}: vocabulary must be .*got 7"):
+            call(7)
+        with pytest.raises(
+            ValueError, match=rf"{fn}: vocabulary must hold distinct ids .*5 2 times"
+        ):
+            call([5, 6, 5])
+        with pytest.raises(ValueError, match=rf"{fn}: .*in \[0, 49408\).*got id -1 outside"):
+            call([3, -1])
+        with pytest.raises(ValueError, match=rf"{fn}: .*got id 49408 outside .*\(1 such id"):
+            call(torch.tensor([49408, 2]))
+        with pytest.raises(ValueError, match=rf"{fn}: .*got the special id 49406 \(sot\)"):
+            call([1, 49406])
+        with pytest.raises(ValueError, match=rf"{fn}: .*got the special id 49407 \(eot\)"):
+            call(np.array([49407, 1]).tolist())
+        # the tokenizer's vocabulary decides what is valid
+        with pytest.raises(ValueError, match=rf"{fn}: .*in \[0, 10\) other than sot 3 and eot 9"):
+            call([10], tokenizer=TinyVocab())
+        with pytest.raises(ValueError, match=rf"{fn}: .*got the special id 3 \(sot\)"):
+            call([3], tokenizer=TinyVocab())
+    # numpy integers are ints
+    t = clip.random_text_tokens(3, length=2, vocabulary=[np.int64(7), np.int32(9)])
+    assert set(t[:, 1:3].flatten().tolist()) <= {7, 9}
+
+
+def test_bank_from_a_vocabulary(model: nn.Module) -> None:
+    vocabulary = torch.tensor([320, 1125, 1929, 539])
+    bank = clip.RandomTextBank.from_model(
+        model, 12, length=3, generator=torch.Generator().manual_seed(8), vocabulary=vocabulary
+    )
+    tokens = clip.random_text_tokens(
+        12, length=3, generator=torch.Generator().manual_seed(8), vocabulary=vocabulary
+    )
+    assert torch.equal(bank.tokens, tokens)
+    assert set(bank.tokens[:, 1:4].flatten().tolist()) <= set(vocabulary.tolist())
+    expected = clip.text_features(model, None, tokens).detach()
+    torch.testing.assert_close(bank.features, expected, rtol=0, atol=1e-6)
+    plain = clip.RandomTextBank.from_model(
+        model, 12, length=3, generator=torch.Generator().manual_seed(8), vocabulary=None
+    )
+    before = clip.RandomTextBank.from_model(
+        model, 12, length=3, generator=torch.Generator().manual_seed(8)
+    )
+    assert torch.equal(plain.tokens, before.tokens) and torch.equal(plain.features, before.features)
+    assert not torch.equal(plain.tokens, bank.tokens)
+
+
+# ---------------------------------------------------------------- token_vocabulary
+
+
+def test_token_vocabulary_of_texts(tok: open_clip.tokenizer.SimpleTokenizer) -> None:
+    texts = ["a photo of a dog.", "a dog", "A   DOG"]  # the BPE lower-cases and splits on spaces
+    ids = clip.token_vocabulary(texts)
+    expected = sorted({i for t in texts for i in tok.encode(t)})
+    assert ids.tolist() == expected == [269, 320, 539, 1125, 1929]
+    assert ids.dtype == torch.long and ids.ndim == 1
+    assert torch.equal(clip.token_vocabulary(texts, tok), ids)  # the same tokenizer by default
+    assert torch.equal(clip.token_vocabulary(tuple(texts)), ids)
+    # the ids are a valid vocabulary, and random texts drawn from it use only them
+    t = clip.random_text_tokens(20, generator=torch.Generator().manual_seed(0), vocabulary=ids)
+    assert set(t[:, 1:9].flatten().tolist()) <= set(expected)
+
+
+def test_token_vocabulary_truncates_as_the_model_sees_the_text() -> None:
+    short = open_clip.get_tokenizer("ViT-B-32", context_length=5)  # SOT + 3 tokens + EOT
+    ids = clip.token_vocabulary(["one two three four five"], short)
+    full = open_clip.get_tokenizer("ViT-B-32").encode("one two three four five")
+    assert ids.tolist() == sorted(full[:3])
+
+
+class Rows:
+    """A CLIP-layout tokenizer returning fixed rows (vocabulary of 10 ids, SOT 8, EOT 9)."""
+
+    vocab_size, sot_token_id, eot_token_id, context_length = 10, 8, 9, 6
+
+    def __init__(self, rows: list[list[int]] | list[list[float]]) -> None:
+        self.rows = rows
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        return torch.tensor(self.rows)
+
+
+class ListRows(Rows):
+    """Returns the rows as a list, not a tensor."""
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        return self.rows  # type: ignore[return-value]
+
+
+class OddEot(TinyVocab):
+    eot_token_id = 5  # not the last id
+
+
+def test_token_vocabulary_excludes_specials_and_padding_by_position() -> None:
+    # id 0 inside a text is a token; the zeros after EOT are padding; a stray SOT/EOT is special
+    rows = [[8, 0, 4, 9, 0, 0], [8, 5, 8, 6, 9, 0], [8, 7, 9, 3, 9, 2]]
+    assert clip.token_vocabulary(["x", "y", "z"], Rows(rows)).tolist() == [0, 4, 5, 6, 7]
+    # without 0 in any body, padding zeros are not counted
+    assert clip.token_vocabulary(["x"], Rows([[8, 2, 9, 0, 0, 0]])).tolist() == [2]
+
+
+def test_token_vocabulary_reads_any_number_of_texts_in_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from robustft.clip import _random_text
+
+    texts = [f"word{i} thing{i % 3}" for i in range(11)]
+    whole = clip.token_vocabulary(texts)
+    monkeypatch.setattr(_random_text, "_CHUNK", 3)
+    assert torch.equal(clip.token_vocabulary(texts), whole)
+
+
+def test_token_vocabulary_errors() -> None:
+    fn = "token_vocabulary"
+    with pytest.raises(TypeError, match=rf"{fn}: texts must be a sequence of str, got 'a dog'"):
+        clip.token_vocabulary("a dog")
+    with pytest.raises(TypeError, match=rf"{fn}: texts must be a sequence of str, got 3"):
+        clip.token_vocabulary(3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=rf"{fn}: texts must hold at least one text, got none"):
+        clip.token_vocabulary([])
+    with pytest.raises(TypeError, match=rf"{fn}: texts must contain only str, got 5"):
+        clip.token_vocabulary(["a", 5])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=rf"{fn}: texts must hold at least one token, got 2 text"):
+        clip.token_vocabulary(["", "   "])
+    with pytest.raises(TypeError, match=rf"{fn}: tokenizer must be a CLIP BPE tokenizer"):
+        clip.token_vocabulary(["a"], lambda t: t)  # type: ignore[arg-type,return-value]
+    with pytest.raises(ValueError, match=rf"{fn}: tokenizer must have an int vocab_size"):
+        clip.token_vocabulary(["a"], OddEot())
+    with pytest.raises(TypeError, match=rf"{fn}: tokenizer must return an integer \[texts, "):
+        clip.token_vocabulary(["a"], Rows([[8.0, 1.0, 9.0]]))
+    with pytest.raises(TypeError, match=rf"{fn}: tokenizer must return an integer .*list"):
+        clip.token_vocabulary(["a"], ListRows([[8, 1, 9]]))
+    with pytest.raises(ValueError, match=rf"{fn}: tokenizer must lay every text out as \[SOT"):
+        clip.token_vocabulary(["a"], Rows([[8, 1, 2, 0]]))  # no EOT
+    with pytest.raises(ValueError, match=rf"{fn}: tokenizer must lay every text out as \[SOT"):
+        clip.token_vocabulary(["a"], Rows([[1, 2, 9, 0]]))  # no SOT first
+    with pytest.raises(ValueError, match=rf"{fn}: tokenizer must return ids in \[0, vocab_size="):
+        clip.token_vocabulary(["a"], Rows([[8, 12, 9, 0]]))

@@ -232,6 +232,10 @@ GOOD: list[tuple[dict[str, Any], str, Any]] = [
     ({"lipsum_texts": 1}, "lipsum_texts", 1),
     ({"lipsum_length": 4}, "lipsum_length", 4),
     ({"trade_off": 0}, "trade_off", 0.0),
+    ({"lipsum_vocabulary": __file__}, "lipsum_vocabulary", __file__),
+    ({"lipsum_rescale": False}, "lipsum_rescale", False),
+    ({"ueo_scale": 0}, "ueo_scale", 0.0),
+    ({"ueo_scale": 100}, "ueo_scale", 100.0),
     ({"prompt": "a"}, "prompt", "a"),
     ({"lp_c": "1,10"}, "lp_c", "1,10"),
     ({"lp_c": " 0.5 , 2"}, "lp_c", " 0.5 , 2"),
@@ -292,7 +296,7 @@ _NOT_BOOLEANS: tuple[Any, ...] = ("no", "yes", "false", "off", 1, 0, 1.0, [])
 BAD: list[tuple[str, Any, type[Exception], str]] = [
     *[
         (field, value, TypeError, _BOOL)
-        for field in ("progress", "skip_bad_images")
+        for field in ("progress", "skip_bad_images", "lipsum_rescale")
         for value in _NOT_BOOLEANS
     ],
     *[
@@ -336,6 +340,7 @@ BAD: list[tuple[str, Any, type[Exception], str]] = [
             ("margin", _NONNEG),
             ("reg_weight", _NONNEG),
             ("trade_off", _NONNEG),
+            ("ueo_scale", _NONNEG + " (the scale of cos; 0: the model's own scale)"),
             ("momentum", _FRAC),
             ("warmup", _FRAC),
             ("val_fraction", "a number in (0, 1)"),
@@ -448,6 +453,8 @@ BAD: list[tuple[str, Any, type[Exception], str]] = [
     ("device", 0, TypeError, _DEV),
     ("device", ["cpu"], TypeError, _DEV),
     ("templates", 3, TypeError, _TPL),
+    ("lipsum_vocabulary", 3, TypeError, "an existing text file (one text per line)"),
+    ("lipsum_vocabulary", "", ValueError, "an existing text file (one text per line)"),
     *[
         (field, value, TypeError, _SETS)
         for field in ("eval", "shift", "ood")

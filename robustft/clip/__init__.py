@@ -5,7 +5,8 @@ The one robustft module that knows open_clip's models and tokenizers — and it 
 ``encode_text``, ``token_embedding``, ``visual``) and tokenizers through ``__call__`` and their
 special-token ids, so ``import robustft.clip`` is cheap and works with any open_clip ``CLIP`` or
 ``CustomTextCLIP`` you build or load (``open_clip.create_model_and_transforms(name,
-pretrained=...)``).
+pretrained=...)``). The one exception is :func:`token_vocabulary` called without a tokenizer,
+which builds open_clip's standard BPE tokenizer on first use.
 """
 
 from typing import TYPE_CHECKING
@@ -15,7 +16,7 @@ from robustft.clip._context import encode_text_with_context, init_context
 from robustft.clip._forward import frozen_copy_features, image_features, text_features
 from robustft.clip._heads import context_prototypes, zero_shot_head
 from robustft.clip._params import norm_affine_names, text_names, visual_names
-from robustft.clip._random_text import RandomTextBank, random_text_tokens
+from robustft.clip._random_text import RandomTextBank, random_text_tokens, token_vocabulary
 from robustft.clip._scale import logit_scale
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "random_text_tokens",
     "text_features",
     "text_names",
+    "token_vocabulary",
     "visual_names",
     "zero_shot_head",
 ]

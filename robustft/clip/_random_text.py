@@ -5,6 +5,9 @@ The energy-gap diagnostic over a bank is :func:`robustft.metrics.energy_gap`.
 
 from __future__ import annotations
 
+import functools
+import numbers
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -30,7 +33,7 @@ from robustft.clip._common import (
 )
 from robustft.typing import Device, Params
 
-__all__ = ["RandomTextBank", "random_text_tokens"]
+__all__ = ["RandomTextBank", "random_text_tokens", "token_vocabulary"]
 
 
 def _vocabulary(fn: str, tokenizer: Tokenizer | None) -> tuple[int, int, int]:
@@ -58,6 +61,65 @@ def _vocabulary(fn: str, tokenizer: Tokenizer | None) -> tuple[int, int, int]:
             f"it), got vocab_size={vocab!r}, sot_token_id={sot}, eot_token_id={eot}"
         )
     return vocab, sot, eot
+
+
+def _check_token_ids(fn: str, vocabulary: Any, vocab: int, sot: int, eot: int) -> Tensor | None:
+    """``vocabulary`` as a 1-D int64 CPU tensor of distinct body ids, or ``None`` (every id).
+
+    Each id must be one the random bodies may hold: in ``[0, vocab)`` and neither SOT nor EOT
+    (so EOT stays the largest id of every row).
+    """
+    if vocabulary is None:
+        return None
+    allowed = (
+        f"a 1-D integer tensor or a sequence of ints: distinct token ids in [0, {vocab}) other "
+        f"than sot {sot} and eot {eot}"
+    )
+    if isinstance(vocabulary, Tensor):
+        if (
+            vocabulary.is_floating_point()
+            or vocabulary.is_complex()
+            or vocabulary.dtype == torch.bool
+        ):
+            raise TypeError(f"{fn}: vocabulary must be {allowed}, got {describe(vocabulary)}")
+        if vocabulary.ndim != 1:
+            raise ValueError(f"{fn}: vocabulary must be {allowed}, got {describe(vocabulary)}")
+        ids = vocabulary.detach().to(device="cpu", dtype=torch.int64)
+    elif isinstance(vocabulary, Sequence) and not isinstance(vocabulary, (str, bytes)):
+        bad = [
+            v
+            for v in vocabulary
+            if isinstance(v, bool)
+            or type(v).__name__ == "bool_"
+            or not isinstance(v, numbers.Integral)
+        ]
+        if bad:
+            raise TypeError(f"{fn}: vocabulary must be {allowed}, got an entry {describe(bad[0])}")
+        ids = torch.tensor([int(v) for v in vocabulary], dtype=torch.int64)
+    else:
+        raise TypeError(f"{fn}: vocabulary must be {allowed}, got {describe(vocabulary)}")
+    if ids.numel() == 0:
+        raise ValueError(f"{fn}: vocabulary must hold at least one token id, got none")
+    outside = ids[(ids < 0) | (ids >= vocab)]
+    if outside.numel():
+        raise ValueError(
+            f"{fn}: vocabulary must be {allowed}, got id {int(outside[0])} outside the "
+            f"tokenizer's vocabulary ({outside.numel()} such id(s))"
+        )
+    special = ids[(ids == sot) | (ids == eot)]
+    if special.numel():
+        which = "sot" if int(special[0]) == sot else "eot"
+        raise ValueError(
+            f"{fn}: vocabulary must be {allowed}, got the special id {int(special[0])} ({which}); "
+            f"random bodies never hold SOT or EOT"
+        )
+    unique, counts = torch.unique(ids, return_counts=True)
+    if unique.numel() != ids.numel():
+        raise ValueError(
+            f"{fn}: vocabulary must hold distinct ids (a repeated id would be drawn more often), "
+            f"got id {int(unique[counts > 1][0])} {int(counts[counts > 1][0])} times"
+        )
+    return ids
 
 
 def _signed(x: int) -> int:
@@ -126,18 +188,21 @@ def random_text_tokens(
     generator: torch.Generator | None = None,
     tokenizer: Tokenizer | None = None,
     device: Device = None,
+    vocabulary: Tensor | Sequence[int] | None = None,
 ) -> Tensor:
     r"""Lipsum-FT's random texts: ``[SOT, r_1..r_L, EOT, 0, ...]`` with uniform random token ids.
 
-    Each body token is drawn independently and uniformly from every id of the vocabulary except
-    the start and end tokens,
+    Each body token is drawn independently and uniformly from a set :math:`\mathcal V` of ids:
+    by default every id of the vocabulary except the start and end tokens,
 
     .. math::
 
-        r_{n,l} \sim \mathcal U\big(\{0, \dots, V-1\} \setminus \{\mathrm{SOT}, \mathrm{EOT}\}\big),
+        r_{n,l} \sim \mathcal U(\mathcal V), \qquad
+        \mathcal V = \{0, \dots, V-1\} \setminus \{\mathrm{SOT}, \mathrm{EOT}\},
 
     which for open_clip's standard BPE vocabulary (:math:`V = 49408`, SOT 49406, EOT 49407) is
-    the range ``[0, 49406)`` of the official code (SPEC §4). The padding id 0 may occur in the body
+    the range ``[0, 49406)`` of the official code (SPEC §4), or the ids given as ``vocabulary``
+    (e.g. :func:`token_vocabulary` of a corpus of texts). The padding id 0 may occur in the body
     as in the official code. EOT is the largest id of every row, so argmax pooling finds it: the
     function accepts only tokenizers whose EOT is the vocabulary's last id (open_clip's CLIP BPE
     tokenizers), and rejects any other layout rather than break that promise.
@@ -153,15 +218,24 @@ def random_text_tokens(
             (``open_clip.get_tokenizer(name)``); ``None`` means open_clip's standard BPE
             vocabulary.
         device: device of the result (default: the generator's device, else the default device).
+        vocabulary: ``[K]`` the ids :math:`\mathcal V` the body tokens are drawn from, uniformly:
+            distinct, each in ``[0, V)`` and neither SOT nor EOT (a 1-D integer tensor or a
+            sequence of ints, in any order). ``None`` (default) draws from every id but SOT and
+            EOT, with the same generator draws as before this argument existed. With a
+            vocabulary, each token is ``vocabulary[i]`` for ``i`` uniform on ``[0, K)`` (one
+            ``torch.randint`` of the same shape).
 
     Returns:
         ``[num_texts, context_length]`` int64 token ids.
 
     Raises:
-        TypeError: on non-int sizes, a tokenizer without special-token ids, a non-generator or a
-            ``device`` that is not a str or ``torch.device``.
+        TypeError: on non-int sizes, a tokenizer without special-token ids, a non-generator, a
+            ``device`` that is not a str or ``torch.device``, or a ``vocabulary`` that is not a
+            1-D integer tensor or a sequence of ints.
         ValueError: if ``num_texts < 1``, ``length < 1``, ``length + 2 > context_length``, a
-            tokenizer whose EOT is not its last id, or a ``device`` string naming no device.
+            tokenizer whose EOT is not its last id, a ``device`` string naming no device, or a
+            ``vocabulary`` that is empty, not 1-D, repeats an id, or holds an id outside
+            ``[0, V)`` or a special one.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -170,6 +244,9 @@ def random_text_tokens(
         ([49406, 49406], [49407, 49407], [[0, 0], [0, 0]])
         >>> bool((t[:, 1:4] < 49406).all())
         True
+        >>> t = random_text_tokens(2, length=3, context_length=7, vocabulary=[7, 11], generator=g)
+        >>> sorted(set(t[:, 1:4].flatten().tolist()) - {7, 11})
+        []
 
     References:
         Nam et al., "Lipsum-FT: Robust Fine-Tuning of Zero-Shot Models Using Random Text Guidance",
@@ -190,18 +267,129 @@ def random_text_tokens(
         )
     _check_generator(fn, generator)
     device = check_device(fn, "device", device)
+    ids = _check_token_ids(fn, vocabulary, vocab, sot, eot)
     where = generator.device if generator is not None else device
-    body = torch.randint(0, vocab - 2, (num_texts, length), generator=generator, device=where)
+    if ids is None:
+        body = torch.randint(0, vocab - 2, (num_texts, length), generator=generator, device=where)
+        lo, hi = sorted((sot, eot))
+        body = body + (body >= lo).long()  # skip the smaller special id ...
+        body = body + (body >= hi).long()  # ... then the larger: uniform over the other V - 2 ids
+    else:
+        pick = torch.randint(0, len(ids), (num_texts, length), generator=generator, device=where)
+        body = ids.to(pick.device)[pick]
     if device is not None:
         body = body.to(device)
-    lo, hi = sorted((sot, eot))
-    body = body + (body >= lo).long()  # skip the smaller special id ...
-    body = body + (body >= hi).long()  # ... then the larger one: uniform over the other V - 2 ids
     out = torch.zeros(num_texts, context_length, dtype=torch.long, device=body.device)
     out[:, 0] = sot
     out[:, 1 : length + 1] = body
     out[:, length + 1] = eot
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _standard_tokenizer() -> Tokenizer:
+    """open_clip's standard BPE tokenizer, built once (imported on first use, never at import)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tokenizer: Tokenizer = SimpleTokenizer()
+    return tokenizer
+
+
+_CHUNK = 4096  # texts tokenised per call: the [texts, context] id matrix stays small
+
+
+def token_vocabulary(texts: Sequence[str], tokenizer: Tokenizer | None = None) -> Tensor:
+    r"""The sorted distinct token ids of ``texts``: a vocabulary for :func:`random_text_tokens`.
+
+    Each text is tokenised as the model sees it (``[SOT, t_1..t_n, EOT, 0, ...]``, a text longer
+    than the context truncated by the tokenizer) and its body :math:`t_1..t_n` kept; the result is
+
+    .. math::
+
+        \mathcal V = igcup_j \{t_{j,1}, \dots, t_{j,n_j}\} \setminus \{\mathrm{SOT}, \mathrm{EOT}\},
+
+    sorted. Special tokens and the padding after EOT are excluded by position, not by value: id 0
+    is both the padding and a BPE token (``!`` inside a word), kept when a text's body holds it.
+    Pass the result as ``vocabulary=`` to
+    :func:`random_text_tokens` or :meth:`RandomTextBank.from_model` to draw Lipsum-FT's random
+    texts from the tokens of a corpus (e.g. the class names and captions of a domain) instead of
+    the whole vocabulary.
+
+    Args:
+        texts: the texts (a non-empty sequence of str).
+        tokenizer: an open_clip CLIP BPE tokenizer (``open_clip.get_tokenizer(name)``), the one
+            the random texts will be drawn for; ``None`` means open_clip's standard BPE tokenizer
+            (``open_clip.tokenizer.SimpleTokenizer``, the one place :mod:`robustft.clip` imports
+            open_clip, on the first call only).
+
+    Returns:
+        ``[K]`` int64 ids, sorted ascending, distinct, each in ``[0, vocab_size)`` and neither
+        SOT nor EOT.
+
+    Raises:
+        TypeError: ``texts`` is not a sequence of str (a bare str is refused), or a tokenizer
+            without special-token ids or that returns no integer ``[texts, context]`` tensor.
+        ValueError: no text, texts that hold no token (all blank), a tokenizer whose EOT is not
+            its last id, or a tokenized row that is not ``[SOT, ..., EOT, ...]`` or holds an id
+            outside the vocabulary.
+
+    Example:
+        >>> token_vocabulary(["a photo of a dog.", "a dog"]).tolist()  # a photo of dog .
+        [269, 320, 539, 1125, 1929]
+
+    References:
+        Nam et al., "Lipsum-FT: Robust Fine-Tuning of Zero-Shot Models Using Random Text Guidance",
+        ICLR 2024. Code: https://github.com/cs-giung/lipsum-ft
+    """
+    fn = "token_vocabulary"
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise TypeError(f"{fn}: texts must be a sequence of str, got {describe(texts)}")
+    if len(texts) == 0:
+        raise ValueError(f"{fn}: texts must hold at least one text, got none")
+    bad = [t for t in texts if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"{fn}: texts must contain only str, got {describe(bad[0])}")
+    if tokenizer is None:
+        tokenizer = _standard_tokenizer()
+    vocab, sot, eot = _vocabulary(fn, tokenizer)
+    found = torch.zeros(vocab, dtype=torch.bool)
+    for start in range(0, len(texts), _CHUNK):
+        rows = tokenizer(list(texts[start : start + _CHUNK]))
+        if (
+            not isinstance(rows, Tensor)
+            or rows.ndim != 2
+            or rows.is_floating_point()
+            or rows.is_complex()
+            or rows.dtype == torch.bool
+        ):
+            raise TypeError(
+                f"{fn}: tokenizer must return an integer [texts, context_length] tensor, got "
+                f"{describe(rows)}"
+            )
+        rows = rows.to(device="cpu", dtype=torch.int64)
+        is_eot = rows == eot
+        if not bool((rows[:, 0] == sot).all()) or not bool(is_eot.any(dim=1).all()):
+            raise ValueError(
+                f"{fn}: tokenizer must lay every text out as [SOT, tokens, EOT, padding] "
+                f"(open_clip's CLIP BPE layout, sot_token_id={sot}, eot_token_id={eot}), got a "
+                f"row that does not start with SOT or holds no EOT"
+            )
+        end = is_eot.long().argmax(dim=1, keepdim=True)  # the first EOT of each row
+        where = torch.arange(rows.shape[1]).unsqueeze(0)
+        body = rows[(where >= 1) & (where < end) & (rows != sot)]
+        outside = body[(body < 0) | (body >= vocab)]
+        if outside.numel():
+            raise ValueError(
+                f"{fn}: tokenizer must return ids in [0, vocab_size={vocab}), got {int(outside[0])}"
+            )
+        found[body] = True
+    ids = found.nonzero().squeeze(1)
+    if ids.numel() == 0:
+        raise ValueError(
+            f"{fn}: texts must hold at least one token, got {len(texts)} text(s) without any "
+            f"(blank)"
+        )
+    return ids
 
 
 class RandomTextBank(NamedTuple):
@@ -245,6 +433,7 @@ class RandomTextBank(NamedTuple):
         dtype: torch.dtype | None = None,
         device: Device = None,
         params: Params | None = None,
+        vocabulary: Tensor | Sequence[int] | None = None,
     ) -> RandomTextBank:
         """Draw ``num_texts`` random texts (:func:`random_text_tokens`) and encode them once.
 
@@ -265,6 +454,8 @@ class RandomTextBank(NamedTuple):
             dtype: dtype of the stored features; default the text tower's output dtype.
             device: device of the stored features; default the model's device.
             params: optional (partial) tree of text-tower parameters to encode with.
+            vocabulary: ``[K]`` the token ids the random bodies are drawn from, uniformly (see
+                :func:`random_text_tokens`); ``None``: every id but SOT and EOT.
 
         Returns:
             The bank, features ``[num_texts, dim]`` and tokens ``[num_texts, context_length]``.
@@ -273,7 +464,9 @@ class RandomTextBank(NamedTuple):
             TypeError: on a model without ``encode_text`` (or FSDP-managed), or arguments of the
                 wrong type (``dtype`` not a floating dtype, ``device`` not a str or device).
             ValueError: on non-positive sizes, a vocabulary larger than the model's, a tokenizer
-                whose EOT is not its last id, or a ``device`` string naming no device.
+                whose EOT is not its last id, a ``device`` string naming no device, or a
+                ``vocabulary`` that is empty, repeats an id or holds an id that is special or
+                outside the tokenizer's vocabulary.
 
         Example:
             >>> class Toy(torch.nn.Module):  # "text feature" = (first body token, 1)
@@ -292,7 +485,8 @@ class RandomTextBank(NamedTuple):
         device = check_device(fn, "device", device)
         tree = check_params(fn, model, params)
         inner = unwrap(model)
-        vocab, _, _ = _vocabulary(fn, tokenizer)
+        vocab, sot, eot = _vocabulary(fn, tokenizer)
+        ids = _check_token_ids(fn, vocabulary, vocab, sot, eot)
         model_vocab = getattr(inner, "vocab_size", None)
         if isinstance(model_vocab, int) and vocab > model_vocab:
             raise ValueError(
@@ -306,6 +500,7 @@ class RandomTextBank(NamedTuple):
             context_length=ctx if isinstance(ctx, int) else None,
             generator=generator,
             tokenizer=tokenizer,
+            vocabulary=ids,
         )
         run_device = model_device(inner)
         chunks = []

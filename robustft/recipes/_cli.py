@@ -214,7 +214,9 @@ RESUMABLE = frozenset(
 )
 
 
-MOVABLE = ("train", "val", "classnames", "model", "pretrained", "templates")
+MOVABLE = (
+    "train", "val", "classnames", "model", "pretrained", "templates", "lipsum_vocabulary"
+)  # fmt: skip
 """The recorded paths ``--override FIELD=PATH`` may point elsewhere (moved data and weights)."""
 
 
@@ -230,7 +232,10 @@ def _run_config(option: str, run: str) -> dict[str, Any]:
             f"{option} {run!r} must be a run folder holding config.json (written by robustft "
             f"finetune/ueo)"
         )
-    return read_json(saved, option=option)
+    config = read_json(saved, option=option)
+    # a run recorded before --ueo-scale existed trained on s·cos: it resumes as it started
+    config.setdefault("ueo_scale", 0.0)
+    return config
 
 
 def _relocate(values: dict[str, Any], overrides: Sequence[str] | None, run: str) -> None:
@@ -282,6 +287,9 @@ def _config_from(args: argparse.Namespace, family: Sequence[str]) -> tuple[RunCo
         v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = v
+    for flag, other in (("steps", "epochs"), ("epochs", "steps")):  # a length flag wins
+        if getattr(args, flag, None) is not None and getattr(args, other, None) is None:
+            values.pop(other, None)
     if args.resume:
         values["output"] = str(Path(args.resume).absolute())
         _relocate(values, args.override, args.resume)

@@ -164,7 +164,24 @@ class RunConfig:
     temperature: float = _f(1.0, "KD temperature")
     lipsum_texts: int = _f(80, "Lipsum-FT: random texts per step (M)")
     lipsum_length: int = _f(8, "Lipsum-FT: tokens per random text (L)")
+    lipsum_vocabulary: str | None = _f(
+        None,
+        "Lipsum-FT: a text file (one text per line) whose tokens form the random texts' "
+        "vocabulary; default: the tokenizer's whole vocabulary, as the official code — CLIP has "
+        "seen it all",
+    )
+    lipsum_rescale: bool = _f(
+        True,
+        "Lipsum-FT: multiply λ by (100/s)², which keeps the penalty's stiffness per unit cosine "
+        "on a model whose logit scale s is not 100 — not its balance with the cross-entropy, "
+        "whose gradient also scales with s (SPEC §4); off: λ as given",
+    )
     trade_off: float = _f(1.0, "UEO/IM: weight γ of the marginal-entropy term")
+    ueo_scale: float = _f(
+        100.0,
+        "UEO/IM/entropy: the logit scale of the training loss, logits = scale·cos (the official "
+        "code's fixed 100); 0: the model's own logit scale s",
+    )
     prompt: str = _f("a photo of a", "UEO: the words the learned context starts from")
     lp_c: str = _f("0.01,0.1,1,10,100", "LP-FT: logistic-regression strengths to pick on val")
     # evaluation
@@ -310,7 +327,10 @@ def resolve(overrides: Mapping[str, Any], *, method: str | None = None) -> RunCo
     integers only integers, numbers finite), then the fields that depend on each other: a set
     name is used once over ``eval``, ``shift`` and ``ood``, ``ood_reference`` names ``val`` or an
     ``eval``/``shift`` set, ``batch_size`` splits into ``accumulation`` micro-steps, ``select``
-    ``best`` needs ``eval_every``. ``resolve(config.to_json())`` gives ``config`` back.
+    ``best`` needs ``eval_every``. The run's length is ``steps`` or ``epochs``: either one the
+    user gives replaces the method's default length (UEO's 5 epochs, the supervised methods'
+    5000 steps), and giving both is an error. ``resolve(config.to_json())`` gives ``config``
+    back.
 
     Args:
         overrides: field values set by the user (flags and/or a file); ``None`` values are unset.
@@ -355,6 +375,11 @@ def resolve(overrides: Mapping[str, Any], *, method: str | None = None) -> RunCo
 
 def _check_together(fn: str, c: Mapping[str, Any]) -> None:
     """The checks of fields that depend on each other (each field alone is already valid)."""
+    if c["steps"] is not None and c["epochs"] is not None:  # a method's defaults set one at most
+        raise ValueError(
+            f"{fn}: {flag_of('steps')} and {flag_of('epochs')} both set the run's length, got "
+            f"steps {c['steps']} and epochs {c['epochs']:g}; give one of them"
+        )
     if c["select"] == "best" and not c["eval_every"]:
         raise ValueError(
             f"{fn}: {flag_of('select')} is best, which picks the weights on the validation split "

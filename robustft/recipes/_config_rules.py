@@ -239,6 +239,22 @@ def _templates(value: Any) -> str:
     raise _RuleError(ValueError, f"must be {allowed}, got {value!r} (no such file)")
 
 
+def _text_file(what: str) -> Rule:
+    """The path of an existing file (``~`` expanded when read); what it must hold: ``what``."""
+    allowed = f"an existing text file ({what})"
+
+    def rule(value: Any) -> str:
+        if not isinstance(value, str):
+            raise _RuleError(TypeError, f"must be {allowed}, got {_show(value)}")
+        if not value:
+            raise _RuleError(ValueError, f"must be {allowed}, got ''")
+        if not Path(value).expanduser().is_file():
+            raise _RuleError(ValueError, f"must be {allowed}, got {value!r} (no such file)")
+        return value
+
+    return rule
+
+
 _POSITIVE = _number(lambda x: x > 0, "a finite number > 0")
 _NON_NEGATIVE = _number(lambda x: x >= 0, "a finite number >= 0")
 _FRACTION = _number(lambda x: 0 <= x < 1, "a number in [0, 1)")
@@ -302,7 +318,12 @@ def field_rules(
         "temperature": _POSITIVE,
         "lipsum_texts": _integer(1),
         "lipsum_length": _integer(1),
+        "lipsum_vocabulary": _text_file("one text per line"),
+        "lipsum_rescale": _boolean,
         "trade_off": _NON_NEGATIVE,
+        "ueo_scale": _number(
+            lambda x: x >= 0, "a finite number >= 0 (the scale of cos; 0: the model's own scale)"
+        ),
         "prompt": _text(),
         "lp_c": _lp_c,
         "score": _choice(scores),

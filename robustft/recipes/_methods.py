@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from robustft import clip, losses
 from robustft.clip._common import check_templates, unwrap
-from robustft.recipes._config import RunConfig
+from robustft.recipes._config import RunConfig, flag_of
 from robustft.recipes._nets import (
     ContrastiveCLIP,
     FrozenClassifier,
@@ -37,6 +38,9 @@ __all__ = [
     "Method",
     "build",
     "fit_linear_head",
+    "lipsum_strength",
+    "lipsum_texts",
+    "lipsum_vocabulary",
     "trained_tree",
     "unwrap",
 ]
@@ -200,10 +204,57 @@ def _car_ft(ctx: Context) -> Method:
     )
 
 
+def lipsum_vocabulary(config: RunConfig, tokenizer: Any) -> Tensor | None:
+    """``[K]`` the token ids of ``config.lipsum_vocabulary``'s texts, or ``None`` (every id).
+
+    The file holds one text per line (blank lines are skipped); its texts' tokens, as
+    ``tokenizer`` splits them, are the ids Lipsum-FT's random texts are drawn from
+    (:func:`robustft.clip.token_vocabulary`). Read once per build: by the Lipsum-FT builder for
+    training and by the report for its held-out energy-gap texts, so both draw from the same
+    vocabulary.
+
+    Raises:
+        ValueError: the file is missing, unreadable as UTF-8 text, or holds no text or no token;
+            the message names the flag (``--lipsum-vocabulary``).
+    """
+    name = config.lipsum_vocabulary
+    if name is None:
+        return None
+    where = f"{flag_of('lipsum_vocabulary')}"
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{where} must be an existing text file, got {name!r} (no such file)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{where}: cannot read {name!r} as UTF-8 text: {err}") from err
+    texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise ValueError(
+            f"{where}: {name!r} holds no text (one text per line, whose tokens form the random "
+            "texts' vocabulary); give a file with text, or leave the flag out for the whole "
+            "vocabulary"
+        )
+    try:
+        return clip.token_vocabulary(texts, tokenizer)
+    except ValueError as err:
+        raise ValueError(f"{where}: {name!r}: {err}") from err
+
+
 def lipsum_texts(
-    model: nn.Module, tokenizer: Any, config: RunConfig, step: int, device: torch.device
+    model: nn.Module,
+    tokenizer: Any,
+    config: RunConfig,
+    step: int,
+    device: torch.device,
+    *,
+    vocabulary: Tensor | None = None,
 ) -> Tensor:
-    """``[M, dim]`` features of step ``step``'s random texts (the same on every rank and on resume)."""
+    """``[M, dim]`` features of step ``step``'s random texts (the same on every rank and on resume).
+
+    ``vocabulary`` (:func:`lipsum_vocabulary`) restricts the body tokens to those ids; ``None``
+    draws from the tokenizer's whole vocabulary, as the official code.
+    """
     g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
     tokens = clip.random_text_tokens(
         config.lipsum_texts,
@@ -211,18 +262,43 @@ def lipsum_texts(
         context_length=getattr(model, "context_length", None),
         generator=g,
         tokenizer=tokenizer,
+        vocabulary=vocabulary,
     ).to(device)
     with torch.no_grad():
         return clip.text_features(model, None, tokens)
 
 
+def lipsum_strength(config: RunConfig, scale: float) -> float:
+    """The factor Lipsum-FT's λ is multiplied by: :math:`(100/s)^2` with ``lipsum_rescale``, else 1."""
+    return (100.0 / scale) ** 2 if config.lipsum_rescale else 1.0
+
+
 def _lipsum(ctx: Context) -> Method:
-    # λ is in the paper's units at its scale 100 (SPEC §4): λ·(100/s)² keeps its strength here
+    r"""Lipsum-FT: cross-entropy plus :math:`\lambda\,c\,R`, with :math:`R` the energy gap.
+
+    :math:`R = \frac{1}{B}\sum_b \sum_m (v_{bm} - v^0_{bm})^2 / 2M` with
+    :math:`v = s\,\hat f\,G^\top` (SPEC §4), that is :math:`R = s^2 \tilde R` where
+    :math:`\tilde R` is the same gap measured in cosines. With ``lipsum_rescale`` (default)
+    :math:`c = (100/s)^2`, so :math:`\lambda c R = \lambda\,100^2 \tilde R`: the penalty, as a
+    function of the cosines, is the one the paper's λ gives on a model with :math:`s = 100`
+    (its stiffness per unit cosine is preserved). What it does not preserve is the penalty's
+    balance with the cross-entropy, whose gradient per unit cosine, :math:`s\,(p - y)`, also
+    scales with :math:`s` (and :math:`p` itself depends on it): relative to the data term the
+    penalty is :math:`100/s` times as stiff as in the paper (stiffer for :math:`s < 100`).
+    Without it (``lipsum_rescale=False``) :math:`c = 1`, λ as given: the penalty is
+    :math:`\lambda s^2 \tilde R`, relative to the data term :math:`s/100` times the paper's.
+    Both are equal, and equal to the paper, for OpenAI/LAION CLIP (:math:`s = 100`); elsewhere
+    put λ on the grid (SPEC §4).
+
+    The random texts are drawn per step from ``lipsum_vocabulary``'s tokens when given
+    (read once, here), else from the whole vocabulary.
+    """
     model, tokenizer, config = ctx.model, ctx.tokenizer, ctx.config
-    strength = (100.0 / ctx.scale) ** 2
+    strength = lipsum_strength(config, ctx.scale)
+    vocabulary = lipsum_vocabulary(config, tokenizer)
 
     def term(f: Tensor, z: Tensor, f0: Tensor, z0: Tensor, batch: Batch, step: int) -> Tensor:
-        texts = lipsum_texts(model, tokenizer, config, step, f.device)
+        texts = lipsum_texts(model, tokenizer, config, step, f.device, vocabulary=vocabulary)
         gap = losses.energy_gap(
             f, reference_features=f0, text_features=texts, logit_scale=ctx.scale
         )
@@ -275,9 +351,22 @@ def _flyp(ctx: Context) -> Method:
 
 
 def _unsupervised(ctx: Context) -> Method:
+    r"""UEO, IM or entropy minimisation on the logits :math:`z = \sigma\,\hat f\,\hat T^\top`.
+
+    :math:`\sigma` is ``ueo_scale``: 100 by default, the official code's hard-coded scale
+    (tim-learn/UEO ``demo.py``, ``logits = 100. * image_features @ text_features.T``), or, with
+    ``ueo_scale=0``, the model's own logit scale :math:`s`. Equal for OpenAI/LAION CLIP
+    (:math:`s = 100`), different for a model whose :math:`s` differs. Only the loss uses
+    :math:`\sigma`: the exported head (the class texts through the context) and its evaluation
+    are the same either way.
+    """
     if ctx.confidence is None:
         raise ValueError(f"build: method {ctx.config.method!r} needs the zero-shot confidence")
-    module = PromptClassifier(ctx.model, ctx.tokenizer, ctx.classnames, ctx.config.prompt)
+    # the training logits' scale: the official code's fixed 100 (ueo_scale), or 0 -> the model's s
+    scale = ctx.config.ueo_scale or None
+    module = PromptClassifier(
+        ctx.model, ctx.tokenizer, ctx.classnames, ctx.config.prompt, scale=scale
+    )
     confidence = ctx.confidence
     if ctx.config.method != "ueo":  # entropy minimisation and IM weigh every sample alike
         confidence = torch.ones_like(confidence)

@@ -98,13 +98,23 @@ class PromptClassifier(nn.Module):
     context (initialised from ``prompt`` by :func:`robustft.clip.init_context`) is this module's
     own parameter. The visual tower stays in eval mode (SPEC §3).
 
-    ``forward(images)`` returns the ``[batch, classes]`` logits :math:`s\,\hat f\,\hat T^\top`
-    with the class texts :math:`\hat T` encoded through the context on every call (the
-    gradient reaches the context); ``forward(None)`` returns the ``[classes, dim]`` text head
-    alone (to export or evaluate with).
+    ``forward(images)`` returns the ``[batch, classes]`` training logits
+    :math:`s\,\hat f\,\hat T^\top` with the class texts :math:`\hat T` encoded through the
+    context on every call (the gradient reaches the context); ``forward(None)`` returns the
+    ``[classes, dim]`` text head alone (to export or evaluate with, at the model's own scale).
+    The scale :math:`s` of the training logits is ``scale`` when given (UEO's official code
+    trains on :math:`100\cos`, ``RunConfig.ueo_scale``), else the model's own logit scale.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, classnames: Sequence[str], prompt: str):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        classnames: Sequence[str],
+        prompt: str,
+        *,
+        scale: float | None = None,
+    ):
         super().__init__()
         self.model = model.requires_grad_(False)
         self.affines = clip.norm_affine_names(model, under="visual")
@@ -114,7 +124,7 @@ class PromptClassifier(nn.Module):
         self.context = nn.Parameter(clip.init_context(model, tokenizer, prompt).detach().clone())
         self.tokenizer = tokenizer
         self.classnames = list(classnames)
-        self.scale = _logit_scale(model)
+        self.scale = _logit_scale(model) if scale is None else float(scale)
 
     def train(self, mode: bool = True) -> PromptClassifier:  # the towers stay in eval mode
         return super().train(False)

@@ -23,7 +23,7 @@ from robustft.recipes._config import NAMED_SETS, UNSUPERVISED, RunConfig
 from robustft.recipes._data import FolderDataset, class_names, holdout
 from robustft.recipes._evaluate import Evaluator
 from robustft.recipes._loop import check_split
-from robustft.recipes._methods import DDP_ONLY
+from robustft.recipes._methods import DDP_ONLY, lipsum_vocabulary
 from robustft.recipes._model import ClipBundle, load_model
 from robustft.recipes._nets import visual_tower
 from robustft.recipes._runtime import Runtime, init
@@ -32,6 +32,7 @@ __all__ = [
     "Data",
     "Prepared",
     "check_runtime",
+    "held_out_vocabulary",
     "load_data",
     "main_log",
     "prepare",
@@ -264,7 +265,22 @@ def prepare(
         "preprocess": bundle.preprocess,
         "data": data.facts,
     }
-    return Prepared(runtime, bundle, data, templates, head, scale, evaluator, facts, {})
+    prep = Prepared(runtime, bundle, data, templates, head, scale, evaluator, facts, {})
+    held_out_vocabulary(prep, config)  # read once, here: a bad --lipsum-vocabulary fails early
+    return prep
+
+
+def held_out_vocabulary(prep: Prepared, config: RunConfig) -> Tensor | None:
+    """``[K]`` the token ids of ``--lipsum-vocabulary`` for the report's held-out random texts, or
+    ``None`` (the whole vocabulary); read once per job and kept in ``prep.cache``.
+
+    Raises:
+        ValueError: a missing or empty file, or one without tokens (the message names the flag).
+    """
+    if "lipsum_vocabulary" not in prep.cache:
+        prep.cache["lipsum_vocabulary"] = lipsum_vocabulary(config, prep.bundle.tokenizer)
+    vocabulary: Tensor | None = prep.cache["lipsum_vocabulary"]
+    return vocabulary
 
 
 def zero_shot_tree(bundle: ClipBundle, head: Tensor) -> dict[str, Tensor]:

@@ -23,7 +23,7 @@ from robustft.recipes import _checkpoint as ckpt
 from robustft.recipes import _runfolder as run
 from robustft.recipes._config import RunConfig
 from robustft.recipes._evaluate import format_summary, threshold_at_tpr
-from robustft.recipes._prepare import Prepared, zero_shot_tree
+from robustft.recipes._prepare import Prepared, held_out_vocabulary, zero_shot_tree
 from robustft.recipes._runfolder import RunError
 
 __all__ = [
@@ -44,7 +44,8 @@ HELDOUT_TEXT_SEED = 987_654_321
 ``t`` are drawn with seed ``seed * 1_000_003 + t``, which never reaches it for seeds and steps
 below ~987."""
 HELDOUT_TEXTS = 1000
-"""Random texts of the energy-gap diagnostic (length ``--lipsum-length``)."""
+"""Random texts of the energy-gap diagnostic (length ``--lipsum-length``, tokens from
+``--lipsum-vocabulary`` when given)."""
 GAP_IMAGES = 512
 """Images of an evaluation set the energy gap is measured on when there is no validation split."""
 
@@ -146,7 +147,8 @@ def summary_tables(payload: Mapping[str, Any]) -> str:
 
 
 def _bank(prep: Prepared, config: RunConfig) -> Tensor:
-    """``[texts, dim]`` the held-out random texts of the energy gap (encoded once per job)."""
+    """``[texts, dim]`` the held-out random texts of the energy gap (encoded once per job), drawn
+    from ``--lipsum-vocabulary``'s tokens when given, as Lipsum-FT's training texts are."""
     if "bank" not in prep.cache:
         g = torch.Generator().manual_seed(HELDOUT_TEXT_SEED)
         bank = clip.RandomTextBank.from_model(
@@ -156,6 +158,7 @@ def _bank(prep: Prepared, config: RunConfig) -> Tensor:
             tokenizer=prep.bundle.tokenizer,
             generator=g,
             device=prep.runtime.device,
+            vocabulary=held_out_vocabulary(prep, config),
         )
         prep.cache["bank"] = bank.features.float().cpu()
     bank_features: Tensor = prep.cache["bank"]

@@ -449,7 +449,9 @@ def check_record(
         )
 
 
-PATH_FIELDS = ("train", "val", "classnames", "model", "pretrained", "templates", "output")
+PATH_FIELDS = (
+    "train", "val", "classnames", "model", "pretrained", "templates", "lipsum_vocabulary", "output"
+)  # fmt: skip
 """The configuration fields that may hold a path (besides the named sets)."""
 
 
