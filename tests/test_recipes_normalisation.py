@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from recipes_fixtures import TINY_CONFIG, write_tiny_config
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torchvision.transforms import functional as TF
 
 from robustft.recipes._model import ClipBundle, SavedModel, load_model, save_model
@@ -433,7 +434,7 @@ def _fake_folders(root: Path) -> dict[str, int]:
 def test_demo_save_model_writes_the_demos_clip_and_folders(
     tmp_path: Path, demo_cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from robustft.demo._data import CLASSNAMES, TEMPLATES, load_splits, normalize
+    from robustft.demo._data import CLASSNAMES, SHIFTS, TEMPLATES, load_splits, normalize
     from robustft.demo._main import main
     from robustft.demo._model import build_model, build_tokenizer, pretrain
 
@@ -449,7 +450,7 @@ def test_demo_save_model_writes_the_demos_clip_and_folders(
         "std": [0.5, 0.5, 0.5],
         "resize_mode": "shortest",
         "interpolation": "bilinear",
-        "image_size": 16,
+        "image_size": 32,
         "source": f"sidecar {(out / 'model.safetensors.json').resolve()}",
     }
     # the demo's model: build_model(seed=0) pre-trained by the demo's own loop
@@ -458,7 +459,7 @@ def test_demo_save_model_writes_the_demos_clip_and_folders(
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        pretrain(reference, build_tokenizer(), data.pretrain_x, data.pretrain_y, steps=3)
+        pretrain(reference, build_tokenizer(), data, steps=3)
     finally:
         torch.use_deterministic_algorithms(deterministic)
     assert _state_equal(bundle.model, reference.state_dict())
@@ -469,9 +470,7 @@ def test_demo_save_model_writes_the_demos_clip_and_folders(
     assert sum(1 for _ in (data_root / "open").rglob("*.png")) == len(data.test_y) + len(
         data.unknown_test_x
     )
-    assert sorted(p.name for p in (data_root / "shifted").iterdir()) == sorted(
-        ["noise", "blur", "translate", "invert", "colour"]
-    )
+    assert sorted(p.name for p in (data_root / "shifted").iterdir()) == sorted(SHIFTS)
     assert (data_root / "classnames.txt").read_text().split() == CLASSNAMES[:8]
     assert (data_root / "templates.txt").read_text().splitlines() == TEMPLATES
     label = int(data.train_y[0])
@@ -506,7 +505,7 @@ def test_demo_cache_damaged_or_unwritable(
     lines.clear()
     _quickstart.save_demo(tmp_path / "two", steps=1, log=lines.append)
     assert any("is damaged" in line and "pre-training it again" in line for line in lines)
-    assert load_model(cached / "model.json", pretrained=cached / "model.safetensors")
+    assert load_file(str(cached / "model.safetensors"))  # repaired
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("")
     monkeypatch.setenv("ROBUSTFT_CACHE", str(blocked))

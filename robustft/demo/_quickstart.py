@@ -1,25 +1,24 @@
-"""``python -m robustft.demo --save-model DIR``: the demo's CLIP and digit folders, for the CLI.
+"""``python -m robustft.demo --save-model DIR``: the demo's CLIP and image folders, for the CLI.
 
 Writes, into a new folder ``DIR``:
 
 - ``model.json``, ``model.safetensors``, ``model.safetensors.json``: the demo's pre-trained tiny
   CLIP (the model ``make demo`` pre-trains: :func:`robustft.demo._model.build_model` with seed 0,
-  :func:`robustft.demo._model.pretrain` on the digits' broad distribution) saved by
+  :func:`robustft.demo._model.pretrain` on the rendered world's broad distribution) saved by
   :func:`robustft.recipes.save_model`, with its normalisation (mean and std 0.5) in the sidecar;
-- ``data/``: the demo's splits as image folders of 16×16 PNGs: ``train``, ``val`` and ``test``
-  (the known digits zero..seven), ``shifted/<shift>`` (the test images under each of the demo's
-  five shifts), ``open`` (the test images plus the unknown digits eight and nine, in a folder
-  ``unknown`` that is no class),
-  ``classnames.txt`` and ``templates.txt`` (the demo's prompt templates).
+- ``data/``: the demo's splits as image folders of 32×32 PNGs: ``train``, ``val`` and ``test``
+  (the known digits zero..seven, clean domain), ``shifted/<shift>`` (the test glyphs in each of
+  the demo's five shifted domains), ``open`` (the target-domain test images plus the unknown
+  digits eight and nine, in a folder ``unknown`` that is no class), ``classnames.txt`` and ``templates.txt``
+  (the demo's prompt templates).
 
-Pre-training takes about 40 s on one thread; the result is cached (``$ROBUSTFT_CACHE``, else
+Pre-training takes about two minutes on one thread; the result is cached (``$ROBUSTFT_CACHE``, else
 ``$XDG_CACHE_HOME/robustft``, else ``~/.cache/robustft``), so later calls take seconds.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shlex
@@ -30,21 +29,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 from torch import Tensor
 
-import robustft
+from robustft.demo._cache import cache_root, pretrained
 from robustft.demo._data import CLASSNAMES, KNOWN, SHIFTS, TEMPLATES, load_splits
-from robustft.demo._model import (
-    IMAGE_PREPROCESS,
-    MODEL_CONFIG,
-    build_model,
-    build_tokenizer,
-    pretrain,
-)
+from robustft.demo._model import IMAGE_PREPROCESS, MODEL_CONFIG
 from robustft.recipes._model import ClipBundle, SavedModel, load_model, save_model
 from robustft.recipes._runfolder import RunError, atomic_write
 
@@ -54,64 +46,26 @@ Log = Callable[[str], None]
 _CONFIG_NAME = "robustft-demo-clip"  # the name the model config is registered under in training
 
 
-def cache_root() -> Path:
-    """Where pre-trained demo models are cached: ``$ROBUSTFT_CACHE``, else the user cache."""
-    if os.environ.get("ROBUSTFT_CACHE"):
-        return Path(os.environ["ROBUSTFT_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "robustft"
-
-
-def _cache_folder(steps: int, seed: int) -> Path:
-    """The cache folder of one pre-training (versions, steps and seed in its key)."""
-    key = json.dumps(
-        [robustft.__version__, torch.__version__, open_clip.__version__, MODEL_CONFIG, steps, seed]
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return cache_root() / f"demo-clip-{steps}-{seed}-{digest}"
-
-
-def _train(steps: int, seed: int, log: Log) -> ClipBundle:
-    """Pre-train the demo's CLIP as ``make demo`` does and wrap it as a :class:`ClipBundle`."""
-    tic = time.perf_counter()
-    data = load_splits(seed=0)
-    net = build_model(seed=seed)
-    pretrain(net, build_tokenizer(), data.pretrain_x, data.pretrain_y, steps=steps)
-    log(f"  pre-trained the demo's CLIP ({steps} steps) in {time.perf_counter() - tic:.1f} s")
+def _bundle(model: torch.nn.Module) -> ClipBundle:
+    """The demo's CLIP as a :class:`ClipBundle` (through its model config and weights)."""
     with tempfile.TemporaryDirectory() as tmp:
         config, weights = Path(tmp) / f"{_CONFIG_NAME}.json", Path(tmp) / "weights.safetensors"
         config.write_text(json.dumps(MODEL_CONFIG), encoding="utf-8")
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
         return load_model(config, pretrained=weights, **IMAGE_PREPROCESS)
 
 
 def pretrained_clip(*, steps: int, seed: int = 0, log: Log = print) -> ClipBundle:
     """The demo's pre-trained CLIP as a bundle: from the cache, or pre-trained (and cached).
 
-    A cache that cannot be read is pre-trained again; one that cannot be written is skipped
-    (with a line in the log).
+    The cache is the demo's own (:func:`robustft.demo._cache.pretrained`): ``make demo`` and
+    ``--save-model`` share it. A cache that cannot be read is pre-trained again; one that cannot
+    be written is skipped (with a line in the log).
     """
-    cached = _cache_folder(steps, seed)
-    if (cached / "model.json").is_file():
-        try:
-            bundle = load_model(cached / "model.json", pretrained=cached / "model.safetensors")
-        except ValueError as err:
-            log(f"  the cached model in {cached} is damaged ({err}); pre-training it again")
-        else:
-            log(f"  the demo's CLIP ({steps} pre-training steps) from the cache {cached}")
-            return bundle
-    log(f"  pre-training the demo's CLIP ({steps} steps; cached in {cached} afterwards)")
-    bundle = _train(steps, seed, log)
-    tmp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
-    try:
-        save_model(bundle, tmp, overwrite=True)
-        shutil.rmtree(cached, ignore_errors=True)  # a damaged copy
-        os.replace(tmp, cached)
-    except (OSError, RunError) as err:
-        log(f"  could not cache the model in {cached} ({err}); it is pre-trained again next time")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return bundle
+    tic = time.perf_counter()
+    model, _ = pretrained(load_splits(seed=0), steps=steps, seed=seed, log=log)
+    log(f"  the demo's CLIP ready in {time.perf_counter() - tic:.1f} s")
+    return _bundle(model)
 
 
 def _save_png(image: Tensor, path: Path) -> None:
@@ -134,8 +88,8 @@ def write_folders(root: Path) -> dict[str, int]:
 
     ``train``, ``val``, ``test``: the known digits (zero..seven) of the demo's seed-0 split;
     ``shifted/<shift>``: the test images under each of :data:`robustft.demo._data.SHIFTS`;
-    ``open``: the test images plus, in ``open/unknown``, the unknown digits (eights and nines)
-    of the demo's open-set test;
+    ``open``: the target domain's test images plus, in ``open/unknown``, the unknown digits
+    (eight and nine) of the demo's open-set test;
     ``classnames.txt``: the known classes in label order; ``templates.txt``: the demo's prompt
     templates, one per line.
     """
@@ -145,11 +99,11 @@ def write_folders(root: Path) -> dict[str, int]:
         "val": _write_split(root / "val", data.val_x, data.val_y),
         "test": _write_split(root / "test", data.test_x, data.test_y),
     }
-    for name, shift in SHIFTS.items():
+    for name in SHIFTS:
         counts[f"shifted/{name}"] = _write_split(
-            root / "shifted" / name, shift(data.test_x), data.test_y
+            root / "shifted" / name, data.shifted[name], data.test_y
         )
-    counts["open"] = _write_split(root / "open", data.test_x, data.test_y)
+    counts["open"] = _write_split(root / "open", data.target_test_x, data.test_y)
     counts["open"] += _write_split(
         root / "open", data.unknown_test_x, torch.full((len(data.unknown_test_x),), -1)
     )
@@ -168,7 +122,7 @@ def next_command(directory: Path, *, output: str = "runs/quick") -> str:
         f"--train {q(d + '/data/train')} --val {q(d + '/data/val')}",
         f"--classnames {q(d + '/data/classnames.txt')} --templates {q(d + '/data/templates.txt')}",
         f"--eval test={q(d + '/data/test')} --eval open={q(d + '/data/open')}",
-        " ".join(f"--shift {s}={q(d + '/data/shifted/' + s)}" for s in ("invert", "noise")),
+        " ".join(f"--shift {s}={q(d + '/data/shifted/' + s)}" for s in ("outlined", "colourful")),
         f"--steps 200 --batch-size 32 --lr 1e-4 --output {q(output)}",
     ]
     return " \\\n    ".join(lines)

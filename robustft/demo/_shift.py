@@ -11,19 +11,30 @@ split.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from robustft import clip, merging, metrics, projections
-from robustft.demo._bench import Bench, Tree, accuracy, features, visual, zero_shot_tree
-from robustft.demo._data import CLASSNAMES, KNOWN, SHIFTS, Splits, normalize, resplit
-from robustft.demo._grid import RunSpec, run_grid
+from robustft.demo._bench import (
+    Bench,
+    Tree,
+    accuracy,
+    features,
+    relative_change,
+    visual,
+    zero_shot_tree,
+)
+from robustft.demo._data import CLASSNAMES, KNOWN, PROMPT, SHIFTS, Splits, normalize, resplit
+from robustft.demo._grid import Point, RunSpec, label, run_grid
 from robustft.recipes import fit_linear_head
 
-__all__ = ["REGULARISED", "SPECS", "WISE_ALPHAS", "run_shift", "shift_metrics"]
+__all__ = ["MOVED", "REGULARISED", "SPECS", "WISE_ALPHAS", "moved", "run_shift", "shift_metrics"]
+
+MOVED = 0.01
+"""A row whose trained weights moved less than this (relative) from its start "did not move"."""
 
 WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 """WiSE-FT's sweep of FT; the other rows' curves use (0, 0.5, 1) (:data:`REGULARISED_ALPHAS`)."""
@@ -31,11 +42,17 @@ REGULARISED_ALPHAS = (0.0, 0.5, 1.0)
 LP_STRENGTHS = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
-def specs(steps: int) -> dict[str, RunSpec]:
+def specs(
+    steps: int, lipsum_weights: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
+) -> dict[str, RunSpec]:
     """The trained runs of the experiment, their rows and the overrides of the paper defaults.
 
     The EMA decay is scaled to the run length so that it forgets the start as fast, relative to
     the run, as 0.999 over Lipsum-FT's 5,000 steps: ``decay ** steps == 0.999 ** 5000``.
+    Lipsum-FT crosses its λ grid with the learning rates (its paper tunes λ) and reports its
+    best checkpoint on validation, as its official code does; CLIPood's plain row is its best
+    checkpoint on validation too (its paper selects on validation), its BMA row the average.
+    Lipsum-FT's λ is not rescaled (``lipsum_rescale`` off): the model's scale is the paper's 100.
     """
     ema = 0.999 ** (5000 / steps)
     return {
@@ -47,8 +64,9 @@ def specs(steps: int) -> dict[str, RunSpec]:
         "car-ft": RunSpec("car-ft", {"CAR-FT": "last"}),
         "feature-kd": RunSpec("feature-kd", {"FeatKD": "last"}),
         "flyp": RunSpec("flyp", {"FLYP": "last"}),
-        "lipsum": RunSpec("lipsum", {"Lipsum-FT": "last"}),
-        "clipood": RunSpec("clipood", {"CLIPood (MMS only)": "last",
+        "lipsum": RunSpec("lipsum", {"Lipsum-FT": "best"}, 1e-5, {"lipsum_rescale": False},
+                          lipsum_weights, 1.0),
+        "clipood": RunSpec("clipood", {"CLIPood (MMS only)": "best",
                                        "CLIPood (MMS + BMA)": "averaged"}, 1e-5,
                            {"bma_beta": 0.5}),
     }  # fmt: skip
@@ -106,12 +124,25 @@ def shift_metrics(bench: Bench, theta: Tree, f0: torch.Tensor) -> dict[str, floa
     return {**out, **per_shift}
 
 
-def run_shift(bench: Bench, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run experiment 1; returns rows (per-seed metrics), chosen rates, WiSE curves, timings."""
+def moved(rows: dict[str, list[float]]) -> list[str]:
+    """The rows whose mean relative change from their start is below :data:`MOVED`."""
+    return [row for row, per_seed in rows.items() if sum(per_seed) / len(per_seed) < MOVED]
+
+
+def run_shift(
+    bench: Bench,
+    log: Callable[[str], None] = print,
+    on_chosen: Callable[[dict[str, Point]], None] | None = None,
+) -> dict[str, Any]:
+    """Run experiment 1; returns rows (per-seed metrics), chosen points, WiSE curves, timings.
+
+    ``on_chosen`` gets the chosen grid points (row -> (lr, weight)) once seed 0 has fixed them.
+    """
     tic = time.perf_counter()
     names = CLASSNAMES[:KNOWN]
     with torch.no_grad():
         head = clip.zero_shot_head(bench.model, bench.tokenizer, names, bench.templates)
+        single = clip.zero_shot_head(bench.model, bench.tokenizer, names, [PROMPT + " {}."])
     theta0 = zero_shot_tree(bench, head)
     splits: dict[int, Splits] = {}
     probes: dict[int, Any] = {}
@@ -131,23 +162,36 @@ def run_shift(bench: Bench, log: Callable[[str], None] = print) -> dict[str, Any
             )  # fmt: skip
         return probes[seed][0]
 
+    def start(name: str, seed: int) -> torch.Tensor:
+        """The head a run starts from: LP-FT's probe, CLIPood's single prompt, else the ensemble."""
+        return {"lp-ft": linear_probe, "clipood": lambda _: single}.get(name, lambda _: head)(seed)
+
     def inputs(name: str, seed: int) -> dict[str, Any]:
         s = split(seed)
-        start = linear_probe(seed) if name == "lp-ft" else head
-        return {"images": s.train_x, "labels": s.train_y, "classnames": names, "head": start}
+        return {"images": s.train_x, "labels": s.train_y, "classnames": names,
+                "head": start(name, seed)}  # fmt: skip
 
     def validate(theta: Tree, seed: int) -> float:
         s = split(seed)
         return accuracy(bench, theta, s.val_x, s.val_y)
 
+    spec_map = specs(bench.preset.steps, bench.preset.lipsum_weights)
     grid = run_grid(
-        bench, specs(bench.preset.steps), inputs=inputs, validate=validate, full_grid=("ft",),
-        log=log,
+        bench, spec_map, inputs=inputs, validate=validate, full_grid=("ft",), log=log,
+        on_chosen=on_chosen,
     )  # fmt: skip
     f0 = features(bench, theta0, bench.data.test_x)
     rows: dict[str, list[dict[str, float]]] = {}
     rows["zero-shot"] = [shift_metrics(bench, theta0, f0)] * bench.preset.seeds
     trees = dict(grid.trees)
+    method_of = {row: name for name, spec in spec_map.items() for row in spec.rows}
+    change: dict[str, list[float]] = {
+        row: [
+            relative_change(t, {**visual(theta0), "head": start(method_of[row], seed)})
+            for seed, t in enumerate(row_trees)
+        ]
+        for row, row_trees in trees.items()
+    }
     post = time.perf_counter()
     soup_sizes: list[dict[str, int]] = []
     for seed in range(bench.preset.seeds):
@@ -155,19 +199,22 @@ def run_shift(bench: Bench, log: Callable[[str], None] = print) -> dict[str, Any
         s = split(seed)
         trees.setdefault("WiSE-FT (α = 0.5)", []).append(merging.wise(ft, anchor=theta0, alpha=0.5))
 
-        def val_loss(projected: Tree, s: Splits = s) -> torch.Tensor:
-            return F.cross_entropy(
-                bench.scale * _features_grad(bench, projected, s.val_x) @ projected["head"].T,
-                s.val_y,
-            )
+        batches = _val_batches(s, seed)
+
+        def val_loss(
+            projected: Tree, s: Splits = s, batches: Iterator[torch.Tensor] = batches
+        ) -> torch.Tensor:
+            take = next(batches)  # one validation batch per step, as TPGM's code does
+            f = _features_grad(bench, projected, s.val_x[take])
+            return F.cross_entropy(bench.scale * f @ projected["head"].T, s.val_y[take])
 
         projected, _ = projections.tpgm(
             ft, val_loss, anchor=theta0, norm="l2", steps=bench.preset.tpgm_steps, lr=1e-2
-        )
+        )  # 200 Adam steps at 1e-2 on validation batches of 64
         trees.setdefault("TPGM", []).append(projected)
         ingredients = [
             run["last"]
-            for (name, _, run_seed), run in sorted(grid.runs.items(), key=lambda kv: kv[0][1])
+            for (name, _, run_seed), run in sorted(grid.runs.items(), key=lambda kv: kv[0][1][0])
             if name == "ft" and run_seed == seed and run["last"] is not None
         ]
         trees.setdefault("uniform soup", []).append(merging.uniform_soup(ingredients))
@@ -179,6 +226,8 @@ def run_shift(bench: Bench, log: Callable[[str], None] = print) -> dict[str, Any
         trees.setdefault("greedy soup", []).append(greedy)
         soup_sizes.append({"ingredients": len(ingredients), "greedy_kept": len(kept)})
     post_seconds = time.perf_counter() - post
+    for row in ("WiSE-FT (α = 0.5)", "TPGM", "uniform soup", "greedy soup"):
+        change[row] = [relative_change(t, theta0) for t in trees[row]]
     for row, row_trees in trees.items():
         rows[row] = [shift_metrics(bench, t, f0) for t in row_trees]
     curves: dict[str, dict[str, list[dict[str, float]]]] = {}
@@ -196,10 +245,14 @@ def run_shift(bench: Bench, log: Callable[[str], None] = print) -> dict[str, Any
             curves[row][f"{alpha:g}"] = per_seed
     return {
         "rows": rows,
-        "lrs": grid.lrs,
-        "validation": {
-            r: {f"{lr:g}": v for lr, v in s.items()} for r, s in grid.validation.items()
-        },
+        "points": {row: label(p) for row, p in grid.points.items()},
+        "lrs": {row: p[0] for row, p in grid.points.items()},
+        "weights": {row: p[1] for row, p in grid.points.items() if p[1] is not None},
+        "validation": grid.validation,
+        "margins": grid.margins,
+        "val_size": len(split(0).val_y),
+        "change": change,
+        "not_moved": moved(change),
         "wise_curves": curves,
         "soups": soup_sizes,
         "linear_probe_C": [probes[seed][1] for seed in sorted(probes)],
@@ -207,6 +260,17 @@ def run_shift(bench: Bench, log: Callable[[str], None] = print) -> dict[str, Any
         "seconds": time.perf_counter() - tic,
         "shifts": list(SHIFTS),
     }
+
+
+TPGM_BATCH = 64
+"""Validation images per TPGM step (the official code steps on validation batches)."""
+
+
+def _val_batches(s: Splits, seed: int) -> Iterator[torch.Tensor]:
+    """Endless batches of :data:`TPGM_BATCH` validation indices, reshuffled every pass."""
+    g = torch.Generator().manual_seed(20_011 + seed)
+    while True:
+        yield from torch.randperm(len(s.val_y), generator=g).split(TPGM_BATCH)
 
 
 def _features_grad(bench: Bench, theta: Tree, images: torch.Tensor) -> torch.Tensor:
