@@ -218,7 +218,7 @@ def resplit(data: Splits, seed: int) -> Splits:
     y = torch.cat([data.train_y, data.val_y])
     tx = torch.cat([data.target_train_x, data.target_val_x])
     glyph = torch.cat([data.train_glyph, data.val_glyph])
-    order = torch.sort(glyph).indices  # the cut depends on the pool, not on the current split
+    order = torch.sort(glyph, stable=True).indices  # the cut depends on the pool only
     x, y, tx, glyph = x[order], y[order], tx[order], glyph[order]
     unique = torch.unique(glyph)
     perm = unique[

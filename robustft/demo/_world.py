@@ -140,6 +140,11 @@ def draw_scenes(
         chosen = (objects == digit).nonzero().squeeze(1)
         if len(chosen):
             own = glyph_pool[pool_labels == digit]
+            if not len(own):
+                raise ValueError(
+                    f"draw_scenes: glyph_pool has no glyph of the digit {DIGITS[digit]!r}, which "
+                    f"objects asks for; give a pool with a glyph of every digit drawn"
+                )
             glyph[chosen] = own[torch.randint(0, len(own), (len(chosen),), generator=g)]
     columns.append(glyph)
     return torch.stack(columns, 1)
