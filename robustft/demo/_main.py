@@ -104,7 +104,7 @@ def protocol_table(results: dict[str, Any]) -> str:
         "paper's units at s = 100, no rescaling), M 80 fresh texts of L 8 per step from the "
         "pre-training vocabulary; best checkpoint on val",
         "clipood": "single prompt 'a photo of a {}.', margin λ 0.3, BMA β 0.5 (0.1 for open "
-        "classes); plain row: best checkpoint on val",
+        "classes); plain row: a run without BMA, its best checkpoint on val",
         "lp-ft": "probe C ∈ {0.01 … 100} chosen on val",
         "flyp": "contrastive on templated captions, both towers",
         "ueo": "γ 1, confidence weights (oracle row: known 1.001, unknown 0.001), context + "
@@ -244,20 +244,20 @@ def regime(bench: Bench, experiments: dict[str, Any]) -> dict[str, Any]:
     lost = [s for s in experiments["shift"]["shifts"] if mean("FT", s) < mean("zero-shot", s)]
     r = dict(bench.regime)
     measured = {
-        "scale": (r["scale"], ">= 50", r["scale"] >= 50),
-        "random_texts_seen": (r["random_texts_seen"], ">= 0.95", r["random_texts_seen"] >= 0.95),
+        "scale": (r["scale"], "≥ 50", r["scale"] >= 50),
+        "random_texts_seen": (r["random_texts_seen"], "≥ 95 %", r["random_texts_seen"] >= 0.95),
         "participation_ratio": (
-            r["participation_ratio"], f">= {r['dim'] / 4:g} (dim / 4)",
+            r["participation_ratio"], f"≥ {r['dim'] / 4:g} (dim / 4)",
             r["participation_ratio"] >= r["dim"] / 4,
         ),
-        "zero_shot_id": (mean("zero-shot", "id"), "<= 0.85", mean("zero-shot", "id") <= 0.85),
+        "zero_shot_id": (mean("zero-shot", "id"), "≤ 85 %", mean("zero-shot", "id") <= 0.85),
         "ft_gain_id": (
-            mean("FT", "id") - mean("zero-shot", "id"), ">= 0.05",
+            mean("FT", "id") - mean("zero-shot", "id"), "≥ +5 points",
             mean("FT", "id") - mean("zero-shot", "id") >= 0.05,
         ),
-        "shifts_ft_loses": (len(lost), ">= 2", len(lost) >= 2),
+        "shifts_ft_loses": (len(lost), "≥ 2", len(lost) >= 2),
         "pool_mcm_auroc": (
-            experiments["universal"]["confidence_auroc"], ">= 0.70",
+            experiments["universal"]["confidence_auroc"], "≥ 70 %",
             experiments["universal"]["confidence_auroc"] >= 0.70,
         ),
     }  # fmt: skip

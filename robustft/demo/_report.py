@@ -6,7 +6,7 @@ Everything here is computed from the results dict that :func:`robustft.demo._mai
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,18 +89,22 @@ def verdict_counts(claims: Sequence[Mapping[str, Any]]) -> str:
     return ", ".join(f"{v}: {n}" for v, n in counts.items())
 
 
-_CHECKS = {
-    "scale": ("temperature", "logit scale s", "{:.1f}"),
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f} %"
+
+
+_CHECKS: dict[str, tuple[str, str, Callable[[float], str]]] = {
+    "scale": ("temperature", "logit scale s", lambda v: f"{v:.1f}"),
     "random_texts_seen": ("language", "Lipsum-FT's random texts made only of tokens seen in "
-                          "pre-training", "{:.1%}"),
+                          "pre-training", _percent),
     "participation_ratio": ("language", "participation ratio of the random texts' features",
-                            "{:.1f}"),
-    "zero_shot_id": ("headroom", "zero-shot ID accuracy", "{:.1%}"),
+                            lambda v: f"{v:.1f}"),
+    "zero_shot_id": ("headroom", "zero-shot ID accuracy", _percent),
     "ft_gain_id": ("headroom", "FT's ID gain over zero-shot (chosen rate, mean over seeds)",
-                   "{:+.1%}"),
-    "shifts_ft_loses": ("headroom", "shifts on which FT loses against zero-shot", "{}"),
+                   lambda v: f"{100 * v:+.1f} points"),
+    "shifts_ft_loses": ("headroom", "shifts on which FT loses against zero-shot", str),
     "pool_mcm_auroc": ("unknowns", "zero-shot MCM AUROC of the unlabelled pool (known vs "
-                       "unknown)", "{:.1%}"),
+                       "unknown)", _percent),
 }  # fmt: skip
 
 
@@ -109,7 +113,7 @@ def regime_table(regime: Mapping[str, Any]) -> str:
     lines = ["| | property | this run | target | holds |", "|---|---|---|---|---|"]
     for key, (group, text, fmt) in _CHECKS.items():
         check = regime["checks"][key]
-        value = fmt.format(check["value"])
+        value = fmt(check["value"])
         lines.append(
             f"| {group} | {text} | {value} | {check['target']} | "
             f"{'yes' if check['holds'] else '**no**'} |"

@@ -50,8 +50,10 @@ def specs(
     The EMA decay is scaled to the run length so that it forgets the start as fast, relative to
     the run, as 0.999 over Lipsum-FT's 5,000 steps: ``decay ** steps == 0.999 ** 5000``.
     Lipsum-FT crosses its λ grid with the learning rates (its paper tunes λ) and reports its
-    best checkpoint on validation, as its official code does; CLIPood's plain row is its best
-    checkpoint on validation too (its paper selects on validation), its BMA row the average.
+    best checkpoint on validation, as its official code does; CLIPood's plain row ("MMS only")
+    is a run without the average that reports its best checkpoint on validation (its paper
+    selects on validation), its BMA row the Beta moving average of a run with it (the best
+    checkpoint of *that* run would be of the average, not of MMS alone).
     Lipsum-FT's λ is not rescaled (``lipsum_rescale`` off): the model's scale is the paper's 100.
     """
     ema = 0.999 ** (5000 / steps)
@@ -66,8 +68,9 @@ def specs(
         "flyp": RunSpec("flyp", {"FLYP": "last"}),
         "lipsum": RunSpec("lipsum", {"Lipsum-FT": "best"}, 1e-5, {"lipsum_rescale": False},
                           lipsum_weights, 1.0),
-        "clipood": RunSpec("clipood", {"CLIPood (MMS only)": "best",
-                                       "CLIPood (MMS + BMA)": "averaged"}, 1e-5,
+        "clipood-mms": RunSpec("clipood", {"CLIPood (MMS only)": "best"}, 1e-5,
+                               {"average": "none"}),
+        "clipood": RunSpec("clipood", {"CLIPood (MMS + BMA)": "averaged"}, 1e-5,
                            {"bma_beta": 0.5}),
     }  # fmt: skip
 
@@ -164,7 +167,9 @@ def run_shift(
 
     def start(name: str, seed: int) -> torch.Tensor:
         """The head a run starts from: LP-FT's probe, CLIPood's single prompt, else the ensemble."""
-        return {"lp-ft": linear_probe, "clipood": lambda _: single}.get(name, lambda _: head)(seed)
+        if name.startswith("clipood"):
+            return single
+        return linear_probe(seed) if name == "lp-ft" else head
 
     def inputs(name: str, seed: int) -> dict[str, Any]:
         s = split(seed)

@@ -19,7 +19,7 @@ from typing import Any
 from robustft._checks import describe
 from robustft.recipes._config_rules import _show
 
-__all__ = ["load_config_file"]
+__all__ = ["load_config_file", "text_lines"]
 
 
 class _DuplicateKeyError(Exception):
@@ -210,3 +210,17 @@ def _field_keys(where: str, data: Mapping[Any, Any]) -> dict[str, Any]:
             )
         out[name], spelled[name] = value, key
     return out
+
+
+def text_lines(path: Path, name: str, where: str) -> list[str]:
+    """The lines of the UTF-8 text file ``path`` (given as ``name``), or an error naming ``where``.
+
+    The one reader of the recipes' line-per-item text files (templates, vocabulary texts).
+
+    Raises:
+        ValueError: the file cannot be read or is not UTF-8 text.
+    """
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{where}: cannot read {name!r} as UTF-8 text: {err}") from err

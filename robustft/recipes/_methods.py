@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from robustft import clip, losses
 from robustft.clip._common import check_templates, unwrap
 from robustft.recipes._config import RunConfig, flag_of
+from robustft.recipes._config_file import text_lines
 from robustft.recipes._nets import (
     ContrastiveCLIP,
     FrozenClassifier,
@@ -224,11 +225,7 @@ def lipsum_vocabulary(config: RunConfig, tokenizer: Any) -> Tensor | None:
     path = Path(name).expanduser()
     if not path.is_file():
         raise ValueError(f"{where} must be an existing text file, got {name!r} (no such file)")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{where}: cannot read {name!r} as UTF-8 text: {err}") from err
-    texts = [line.strip() for line in lines if line.strip()]
+    texts = [line.strip() for line in text_lines(path, name, where) if line.strip()]
     if not texts:
         raise ValueError(
             f"{where}: {name!r} holds no text (one text per line, whose tokens form the random "

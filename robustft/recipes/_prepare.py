@@ -20,6 +20,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from robustft import clip
 from robustft.recipes import _runfolder as run
 from robustft.recipes._config import NAMED_SETS, UNSUPERVISED, RunConfig
+from robustft.recipes._config_file import text_lines
 from robustft.recipes._data import FolderDataset, class_names, holdout
 from robustft.recipes._evaluate import Evaluator
 from robustft.recipes._loop import check_split
@@ -64,12 +65,8 @@ def templates_of(name: str) -> list[Any]:
     path = Path(name).expanduser()
     if not path.is_file():
         raise ValueError(f"{fn}: must be openai, simple or a text file of templates, got {name!r}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{fn}: cannot read {name!r} as UTF-8 text: {err}") from err
     out = []
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(text_lines(path, name, fn), start=1):
         text = line.strip()
         if not text or text.startswith("#"):
             continue
