@@ -95,6 +95,18 @@ TABLE: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         r"norm_affine_names: under must name a submodule",
     ),
     (
+        "token_vocabulary",
+        lambda: clip.token_vocabulary("a cat", TOK),
+        TypeError,
+        r"token_vocabulary: texts must be a sequence of str, got 'a cat'",
+    ),
+    (
+        "token_vocabulary",
+        lambda: clip.token_vocabulary([], TOK),
+        ValueError,
+        r"token_vocabulary: texts must hold at least one text, got none",
+    ),
+    (
         "random_text_tokens",
         lambda: clip.random_text_tokens(2, device=3),
         TypeError,
