@@ -367,13 +367,25 @@ def test_report_bank_draws_from_the_same_vocabulary(
     assert whole.shape == features.shape and not torch.allclose(whole, features)
 
 
-def test_lipsum_vocabulary_end_to_end(tiny: Tiny, tmp_path: Path) -> None:
+def test_lipsum_vocabulary_end_to_end(
+    tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = _vocabulary_file(tmp_path, "a photo of a digit\nzero one two three four\n")
     out = run(overrides(tiny, tmp_path / "run", "lipsum", steps=2, lipsum_vocabulary=path))
     assert read_json(out / "config.json")["lipsum_vocabulary"] == path
     summary = read_json(out / "results.json")["summary"]
     assert summary["zero-shot"]["energy_gap"] == 0.0
     assert summary["last"]["energy_gap"] > 0.0
+    tok = open_clip.get_tokenizer("ViT-B-32")
+    recorded = read_json(out / "run.json")["lipsum_vocabulary"]
+    assert recorded == clip.token_vocabulary(["a photo of a digit", "zero one two three four"],
+                                             tok).tolist()  # fmt: skip
+    # an edited vocabulary file is named when the run is read again
+    Path(path).write_text("red green blue\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(out), "--output", str(tmp_path / "eval")]) == 1
+    error = capsys.readouterr().err
+    assert "the Lipsum-FT vocabulary differs (" in error and "token ids recorded" in error
 
 
 def test_lipsum_vocabulary_errors(tmp_path: Path, model: nn.Module, tok: Any) -> None:

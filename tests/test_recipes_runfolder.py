@@ -239,6 +239,19 @@ def test_class_drift_is_named(now: list[list[str]], expected: str) -> None:
     assert expected in str(info.value) and str(info.value).startswith("evaluate: ")
 
 
+def test_lipsum_vocabulary_drift_is_named() -> None:
+    before = {**_facts(CLASSES), "lipsum_vocabulary": [320, 1125, 539]}
+    run.check_record(before, dict(before), where="x", sets=("train",))  # unchanged
+    run.check_record(_facts(CLASSES), before, where="x", sets=("train",))  # recorded before it
+    with pytest.raises(RunError, match=r"Lipsum-FT vocabulary differs \(3 token ids recorded, "
+                       r"2 token ids now\)"):  # fmt: skip
+        run.check_record(
+            before, {**before, "lipsum_vocabulary": [320, 539]}, where="x", sets=("train",)
+        )
+    with pytest.raises(RunError, match=r"3 token ids recorded, the whole vocabulary now"):
+        run.check_record(before, _facts(CLASSES), where="x", sets=("train",))
+
+
 def test_data_templates_and_preprocessing_drift_are_named() -> None:
     before = _facts(CLASSES)
     run.check_record(before, _facts(CLASSES), where="x", sets=("train", "val"))  # unchanged

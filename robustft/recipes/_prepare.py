@@ -263,7 +263,9 @@ def prepare(
         "data": data.facts,
     }
     prep = Prepared(runtime, bundle, data, templates, head, scale, evaluator, facts, {})
-    held_out_vocabulary(prep, config)  # read once, here: a bad --lipsum-vocabulary fails early
+    vocabulary = held_out_vocabulary(prep, config)  # read once, here: a bad file fails early
+    if vocabulary is not None:  # recorded, so a resumed or evaluated run sees an edited file
+        facts["lipsum_vocabulary"] = vocabulary.tolist()
     return prep
 
 

@@ -406,8 +406,9 @@ def check_record(
 ) -> None:
     """Refuse when what a command is about to read differs from what the run recorded.
 
-    Compares the classes (folder and name, in label order), the templates, the image
-    normalisation and, for each of ``sets`` (``"train"``, ``"val"``), the images (count and
+    Compares the classes (folder and name, in label order), the templates, Lipsum-FT's
+    vocabulary (the token ids of ``--lipsum-vocabulary``), the image normalisation and, for
+    each of ``sets`` (``"train"``, ``"val"``), the images (count and
     fingerprint). Records written before a fact existed are not checked on it.
 
     Raises:
@@ -422,6 +423,14 @@ def check_record(
         problems.append(
             f"the prompt templates differ ({len(recorded['templates'])} recorded, "
             f"{len(current['templates'])} now)"
+        )
+    if "lipsum_vocabulary" in recorded and recorded["lipsum_vocabulary"] != current.get(
+        "lipsum_vocabulary"
+    ):
+        now = current.get("lipsum_vocabulary")
+        problems.append(
+            f"the Lipsum-FT vocabulary differs ({len(recorded['lipsum_vocabulary'])} token ids "
+            f"recorded, {'the whole vocabulary' if now is None else f'{len(now)} token ids'} now)"
         )
     before_pre, now_pre = recorded.get("preprocess"), current.get("preprocess")
     if before_pre and now_pre:
