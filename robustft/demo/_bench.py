@@ -34,6 +34,7 @@ from robustft.recipes._report import HELDOUT_TEXT_SEED
 __all__ = [
     "FULL",
     "HELDOUT_SEED",
+    "MOVED",
     "QUICK",
     "Bench",
     "Preset",
@@ -42,6 +43,7 @@ __all__ = [
     "features",
     "fit",
     "logits",
+    "moved",
     "participation_ratio",
     "relative_change",
     "setup",
@@ -142,6 +144,15 @@ def relative_change(theta: Mapping[str, Tensor], start: Mapping[str, Tensor]) ->
     delta = sum(float((theta[k] - start[k]).double().pow(2).sum()) for k in changed)
     base = sum(float(start[k].double().pow(2).sum()) for k in changed)
     return (delta / base) ** 0.5 if base > 0 else float("inf")
+
+
+MOVED = 0.01
+"""A row whose trained weights moved less than this (relative) from its start "did not move"."""
+
+
+def moved(changes: Mapping[str, Sequence[float]]) -> list[str]:
+    """The rows whose mean :func:`relative_change` over seeds is below :data:`MOVED`."""
+    return [row for row, per_seed in changes.items() if sum(per_seed) / len(per_seed) < MOVED]
 
 
 def _vocabulary_file() -> str:

@@ -80,8 +80,8 @@ def pretrained(
         :func:`robustft.demo._model.pretrain`) and ``pretrain``'s statistics.
     """
     folder = cache_folder(steps, seed, learned_scale=learned_scale)
-    model = _model.build_model(seed=seed)
     if (folder / "model.safetensors").is_file():
+        model = _model.build_model(seed=seed)
         try:
             model.load_state_dict(load_file(str(folder / "model.safetensors")))
             stats = json.loads((folder / "pretrain.json").read_text(encoding="utf-8"))
@@ -92,7 +92,7 @@ def pretrained(
             log(f"  the demo's CLIP ({steps} pre-training steps) from the cache {folder}")
             return model.eval(), stats
     log(f"  pre-training the demo's CLIP ({steps} steps; cached in {folder} afterwards)")
-    model = _model.build_model(seed=seed)
+    model = _model.build_model(seed=seed)  # afresh: a failed load may have filled it partly
     stats = _model.pretrain(
         model, _model.build_tokenizer(), data, steps=steps, seed=seed, learned_scale=learned_scale
     )

@@ -149,12 +149,7 @@ def run(
         log("experiment 1, domain shift:")
         shift = run_shift(bench, log=log)
         log(f"  done in {shift['seconds']:.1f} s")
-        log("experiment 2, open classes:")
-        open_ = run_open(bench, _points(shift), log=log)
-        log(f"  done in {open_['seconds']:.1f} s")
-        log("experiment 3, universal unsupervised:")
-        universal = run_universal(bench, log=log)
-        log(f"  done in {universal['seconds']:.1f} s")
+        universal, open_ = _universal_then_open(bench, lambda: _points(shift), log, "")
     else:
         shift, open_, universal = _two_processes(bench, preset, learned_scale, log)
     experiments = {"shift": shift, "open": open_, "universal": universal}
@@ -180,6 +175,25 @@ def _points(shift: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
     return {row: (shift["lrs"][row], shift["weights"].get(row)) for row in shift["lrs"]}
 
 
+def _universal_then_open(
+    bench: Bench,
+    points: Callable[[], dict[str, tuple[float, float | None]] | None],
+    log: Callable[[str], None],
+    where: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Experiment 3, then experiment 2 with experiment 1's chosen ``points()``."""
+    log(f"experiment 3, universal unsupervised{where}:")
+    universal = run_universal(bench, log=log)
+    log(f"  done in {universal['seconds']:.1f} s")
+    chosen = points()
+    if chosen is None:  # experiment 1 failed: nothing to reuse
+        raise RuntimeError("experiment 1 stopped before it chose its grid points")
+    log(f"experiment 2, open classes{where}:")
+    open_ = run_open(bench, chosen, log=log)
+    log(f"  done in {open_['seconds']:.1f} s")
+    return universal, open_
+
+
 def _second_process(
     preset: Preset, learned_scale: bool, points: Any
 ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
@@ -188,15 +202,7 @@ def _second_process(
     torch.use_deterministic_algorithms(True)
     lines: list[str] = []
     bench = setup(preset, log=lambda _: None, learned_scale=learned_scale)
-    lines.append("experiment 3, universal unsupervised (second process):")
-    universal = run_universal(bench, log=lines.append)
-    lines.append(f"  done in {universal['seconds']:.1f} s")
-    chosen = points.get()
-    if chosen is None:  # experiment 1 failed: nothing to reuse
-        raise RuntimeError("experiment 1 stopped before it chose its grid points")
-    lines.append("experiment 2, open classes (second process):")
-    open_ = run_open(bench, chosen, log=lines.append)
-    lines.append(f"  done in {open_['seconds']:.1f} s")
+    universal, open_ = _universal_then_open(bench, points.get, lines.append, " (second process)")
     return universal, open_, lines
 
 

@@ -21,9 +21,17 @@ from typing import Any
 import torch
 
 from robustft import clip, merging, metrics
-from robustft.demo._bench import Bench, Tree, accuracy, fit, relative_change, visual, zero_shot_tree
+from robustft.demo._bench import (
+    Bench,
+    Tree,
+    accuracy,
+    fit,
+    moved,
+    relative_change,
+    visual,
+    zero_shot_tree,
+)
 from robustft.demo._data import BASE, CLASSNAMES, KNOWN, PROMPT, resplit
-from robustft.demo._shift import moved
 
 __all__ = ["SPECS", "run_open"]
 

@@ -23,6 +23,7 @@ from robustft.demo._bench import (
     Tree,
     accuracy,
     features,
+    moved,
     relative_change,
     visual,
     zero_shot_tree,
@@ -31,10 +32,8 @@ from robustft.demo._data import CLASSNAMES, KNOWN, PROMPT, SHIFTS, Splits, norma
 from robustft.demo._grid import Point, RunSpec, label, run_grid
 from robustft.recipes import fit_linear_head
 
-__all__ = ["MOVED", "REGULARISED", "SPECS", "WISE_ALPHAS", "moved", "run_shift", "shift_metrics"]
+__all__ = ["REGULARISED", "SPECS", "WISE_ALPHAS", "run_shift", "shift_metrics"]
 
-MOVED = 0.01
-"""A row whose trained weights moved less than this (relative) from its start "did not move"."""
 
 WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 """WiSE-FT's sweep of FT; the other rows' curves use (0, 0.5, 1) (:data:`REGULARISED_ALPHAS`)."""
@@ -125,11 +124,6 @@ def shift_metrics(bench: Bench, theta: Tree, f0: torch.Tensor) -> dict[str, floa
     out["shifted"] = sum(per_shift.values()) / len(per_shift)
     out["worst"] = min(per_shift.values())
     return {**out, **per_shift}
-
-
-def moved(rows: dict[str, list[float]]) -> list[str]:
-    """The rows whose mean relative change from their start is below :data:`MOVED`."""
-    return [row for row, per_seed in rows.items() if sum(per_seed) / len(per_seed) < MOVED]
 
 
 def run_shift(

@@ -36,12 +36,12 @@ from robustft.demo._bench import (
     accuracy,
     features,
     logits,
+    moved,
     relative_change,
     zero_shot_tree,
 )
 from robustft.demo._data import CLASSNAMES, KNOWN, PROMPT, TARGET, Splits, resplit
 from robustft.demo._grid import RunSpec, label, run_grid
-from robustft.demo._shift import moved
 from robustft.recipes import threshold_at_tpr
 
 __all__ = ["ORACLE", "SPECS", "oracle_weights", "run_universal"]
