@@ -14,10 +14,12 @@ import argparse
 import json
 import multiprocessing
 import os
+import queue
+import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,8 @@ from robustft.demo._report import figures, markdown, regime_section
 from robustft.demo._shift import run_shift
 from robustft.demo._universal import run_universal
 from robustft.recipes import METHOD_DEFAULTS
+from robustft.recipes._runtime import exit_status
+from robustft.recipes._stopping import Interrupted
 
 __all__ = ["main", "parse_args", "protocol_table", "run"]
 
@@ -177,7 +181,7 @@ def _points(shift: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
 
 def _universal_then_open(
     bench: Bench,
-    points: Callable[[], dict[str, tuple[float, float | None]] | None],
+    points: Callable[[], dict[str, tuple[float, float | None]]],
     log: Callable[[str], None],
     where: str,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -185,50 +189,68 @@ def _universal_then_open(
     log(f"experiment 3, universal unsupervised{where}:")
     universal = run_universal(bench, log=log)
     log(f"  done in {universal['seconds']:.1f} s")
-    chosen = points()
-    if chosen is None:  # experiment 1 failed: nothing to reuse
-        raise RuntimeError("experiment 1 stopped before it chose its grid points")
     log(f"experiment 2, open classes{where}:")
-    open_ = run_open(bench, chosen, log=log)
+    open_ = run_open(bench, points(), log=log)
     log(f"  done in {open_['seconds']:.1f} s")
     return universal, open_
 
 
-def _second_process(
-    preset: Preset, learned_scale: bool, points: Any
-) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
-    """Experiments 3 and 2 in the second process; ``points`` is a queue of experiment 1's points."""
+def _second_process(preset: Preset, learned_scale: bool, points: Any, results: Any) -> None:
+    """Experiments 3 and 2 in the second process, their results (or the error) put on ``results``.
+
+    ``points`` is a queue of experiment 1's points. The process ignores SIGINT: a Ctrl-C is the
+    first process's to handle (it stops this one).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     lines: list[str] = []
-    bench = setup(preset, log=lambda _: None, learned_scale=learned_scale)
-    universal, open_ = _universal_then_open(bench, points.get, lines.append, " (second process)")
-    return universal, open_, lines
+    try:
+        bench = setup(preset, log=lambda _: None, learned_scale=learned_scale)
+        universal, open_ = _universal_then_open(
+            bench, points.get, lines.append, " (second process)"
+        )
+    except BaseException:
+        results.put(("error", traceback.format_exc()))
+        raise
+    results.put(("done", (universal, open_, lines)))
 
 
 def _two_processes(
     bench: Bench, preset: Preset, learned_scale: bool, log: Callable[[str], None]
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Experiment 1 here, experiments 3 then 2 in a spawned process (see :func:`run`)."""
+    """Experiment 1 here, experiments 3 then 2 in a spawned process (see :func:`run`).
+
+    If experiment 1 fails or is interrupted, the second process is stopped at once; if the
+    second process fails, its traceback is part of the error raised here.
+    """
     context = multiprocessing.get_context("spawn")
-    with context.Manager() as manager, ProcessPoolExecutor(1, mp_context=context) as pool:
-        points = manager.Queue()
-        second = pool.submit(_second_process, preset, learned_scale, points)
-        sent = False
-
-        def send(chosen: dict[str, tuple[float, float | None]]) -> None:
-            nonlocal sent
-            points.put(chosen)
-            sent = True
-
-        try:
-            log("experiment 1, domain shift:")
-            shift = run_shift(bench, log=log, on_chosen=send)
-            log(f"  done in {shift['seconds']:.1f} s")
-        finally:
-            if not sent:
-                points.put(None)  # lets the second process end instead of waiting
-        universal, open_, lines = second.result()
+    points, results = context.Queue(), context.Queue()
+    second = context.Process(
+        target=_second_process, args=(preset, learned_scale, points, results), daemon=True
+    )
+    second.start()
+    try:
+        log("experiment 1, domain shift:")
+        shift = run_shift(bench, log=log, on_chosen=points.put)
+        log(f"  done in {shift['seconds']:.1f} s")
+        while True:
+            try:
+                status, payload = results.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not second.is_alive():
+                    raise RuntimeError(
+                        f"the second process ended without results (exit code {second.exitcode})"
+                    ) from None
+    except BaseException:
+        second.terminate()
+        raise
+    finally:
+        second.join()
+    if status == "error":
+        raise RuntimeError(f"experiments 3 and 2 failed in the second process:\n{payload}")
+    universal, open_, lines = payload
     for line in lines:
         log(line)
     return shift, open_, universal
@@ -318,6 +340,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             learned_scale=args.learned_scale,
             jobs=min(args.jobs, 2),
         )
+    except (Interrupted, KeyboardInterrupt) as err:
+        name = signal.Signals(err.signum).name if isinstance(err, Interrupted) else "SIGINT"
+        print(f"python -m robustft.demo: stopped by {name}; nothing written", file=sys.stderr)
+        return exit_status(err)
     finally:  # leave the process as it was (the tests call main in-process)
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
