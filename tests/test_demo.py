@@ -333,6 +333,25 @@ def test_command_line() -> None:
     assert info.value.code == 0
 
 
+def test_an_interrupted_demo_ends_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import signal
+
+    from robustft.demo import _main
+    from robustft.recipes._stopping import Interrupted
+
+    def stopped(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise Interrupted(signal.SIGINT, 2, None)
+
+    monkeypatch.setattr(_main, "run", stopped)
+    assert main(["--quick", "--output", str(tmp_path / "out")]) == 130
+    assert (
+        capsys.readouterr().err == "python -m robustft.demo: stopped by SIGINT; nothing written\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_core_never_imports_the_demo() -> None:
     root = Path(robustft.__file__).parent
     for path in root.rglob("*.py"):
