@@ -8,7 +8,8 @@ Where things live, by mechanism: :mod:`~robustft.losses` (objectives), :mod:`~ro
 (averages *along* a run: BMA, EMA, uniform), :mod:`~robustft.merging` (combinations *across*
 finished runs: WiSE-FT, soups), :mod:`~robustft.projections` (constraints *around* the pre-trained
 weights: L2/MARS balls, TPGM), :mod:`~robustft.metrics` and :mod:`~robustft.scores` (evaluation),
-:mod:`~robustft.tree` (parameter-tree arithmetic), :mod:`~robustft.clip` (open_clip models) and
+:mod:`~robustft.tree` (parameter-tree arithmetic), :mod:`~robustft.peft` (LoRA and adapters as
+factor trees), :mod:`~robustft.clip` (open_clip models) and
 :mod:`~robustft.distributed` (collectives). Submodules are imported lazily, on first attribute
 access, so ``import robustft`` stays cheap; type checkers see them through the imports below.
 """
@@ -35,6 +36,7 @@ if TYPE_CHECKING:  # static view of the lazily imported submodules
         losses,
         merging,
         metrics,
+        peft,
         projections,
         scores,
         tree,
@@ -49,6 +51,7 @@ __all__ = [
     "losses",
     "merging",
     "metrics",
+    "peft",
     "projections",
     "scores",
     "tree",
