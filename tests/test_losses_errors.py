@@ -975,3 +975,159 @@ def test_keyword_only_table_covers_every_two_sided_function() -> None:
         if REFERENCE_NAMES & set(inspect.signature(getattr(L, name)).parameters)
     }
     assert two_sided == {name for name, _ in SWAPPED}
+
+
+# ---------------------------------------------------------------- multi-positive contrastive
+
+_lab = torch.tensor([0, 1, 0, 1])
+_SIG = {"logit_scale": 10.0, "logit_bias": -10.0}
+
+MULTIPOSITIVE_CASES: list[Case] = [
+    Case(
+        "clip labels float",
+        "clip_contrastive",
+        lambda: L.clip_contrastive(f, f, labels=_lab.float()),
+        TypeError,
+        r"clip_contrastive: labels must be an integer tensor, got dtype torch.float32",
+    ),
+    Case(
+        "clip labels bool",
+        "clip_contrastive",
+        lambda: L.clip_contrastive(f, f, labels=_lab > 0),
+        TypeError,
+        r"clip_contrastive: labels must be an integer tensor, got dtype torch.bool",
+    ),
+    Case(
+        "clip labels list",
+        "clip_contrastive",
+        lambda: L.clip_contrastive(f, f, labels=[0, 1, 0, 1]),
+        TypeError,
+        r"clip_contrastive: labels must be a torch.Tensor, got list of length 4",
+    ),
+    Case(
+        "clip labels rank",
+        "clip_contrastive",
+        lambda: L.clip_contrastive(f, f, labels=_lab[:, None]),
+        ValueError,
+        r"clip_contrastive: labels must have 1 dimension\(s\), got shape \(4, 1\)",
+    ),
+    Case(
+        "clip labels length",
+        "clip_contrastive",
+        lambda: L.clip_contrastive(f, f, labels=_lab[:3]),
+        ValueError,
+        r"clip_contrastive: labels must have length 4 \(the batch size\), got shape \(3,\)",
+    ),
+    Case(
+        "clip labels device",
+        "clip_contrastive",
+        lambda: L.clip_contrastive(f, f, labels=_lab.to("meta")),
+        ValueError,
+        r"clip_contrastive: labels must be on the device of image_features \(cpu\), got meta",
+    ),
+    Case(
+        "clip smoothing one",
+        "clip_contrastive",
+        lambda: L.clip_contrastive(f, f, smoothing=1.0),
+        ValueError,
+        r"clip_contrastive: smoothing must be in \[0\.0, 1\.0\), got 1\.0",
+    ),
+    Case(
+        "clip smoothing negative",
+        "clip_contrastive",
+        lambda: L.clip_contrastive(f, f, labels=_lab, smoothing=-0.1),
+        ValueError,
+        r"clip_contrastive: smoothing must be in \[0\.0, 1\.0\), got -0\.1",
+    ),
+    Case(
+        "clip smoothing nan",
+        "clip_contrastive",
+        lambda: L.clip_contrastive(f, f, smoothing=np.float32("nan")),
+        ValueError,
+        r"clip_contrastive: smoothing must not be NaN",
+    ),
+    Case(
+        "clip smoothing tensor",
+        "clip_contrastive",
+        lambda: L.clip_contrastive(f, f, smoothing=torch.tensor(0.1)),
+        TypeError,
+        r"clip_contrastive: smoothing must be a real number, got Tensor",
+    ),
+    Case(
+        "clip margin negative",
+        "clip_contrastive",
+        lambda: L.clip_contrastive(f, f, margin=-0.2),
+        ValueError,
+        r"clip_contrastive: margin must be in \[0\.0, inf\), got -0\.2",
+    ),
+    Case(
+        "clip margin inf",
+        "clip_contrastive",
+        lambda: L.clip_contrastive(f, f, labels=_lab, margin=INF),
+        ValueError,
+        r"clip_contrastive: margin must be a finite number in \[0\.0, inf\), got inf",
+    ),
+    Case(
+        "clip margin bool",
+        "clip_contrastive",
+        lambda: L.clip_contrastive(f, f, margin=True),
+        TypeError,
+        r"clip_contrastive: margin must be a real number, got True",
+    ),
+    Case(
+        "sigmoid labels float",
+        "sigmoid_contrastive",
+        lambda: L.sigmoid_contrastive(f, f, **_SIG, labels=_lab.double()),
+        TypeError,
+        r"sigmoid_contrastive: labels must be an integer tensor, got dtype torch.float64",
+    ),
+    Case(
+        "sigmoid labels length",
+        "sigmoid_contrastive",
+        lambda: L.sigmoid_contrastive(f, f, **_SIG, labels=torch.zeros(5, dtype=torch.int8)),
+        ValueError,
+        r"sigmoid_contrastive: labels must have length 4 \(the batch size\), got shape \(5,\)",
+    ),
+    Case(
+        "sigmoid labels device",
+        "sigmoid_contrastive",
+        lambda: L.sigmoid_contrastive(f, f, **_SIG, labels=_lab.to("meta")),
+        ValueError,
+        r"sigmoid_contrastive: labels must be on the device of image_features \(cpu\), got meta",
+    ),
+    Case(
+        "sigmoid smoothing half",
+        "sigmoid_contrastive",
+        lambda: L.sigmoid_contrastive(f, f, **_SIG, smoothing=0.5),
+        ValueError,
+        r"sigmoid_contrastive: smoothing must be in \[0\.0, 0\.5\), got 0\.5",
+    ),
+    Case(
+        "sigmoid smoothing type",
+        "sigmoid_contrastive",
+        lambda: L.sigmoid_contrastive(f, f, **_SIG, smoothing="0.1"),
+        TypeError,
+        r"sigmoid_contrastive: smoothing must be a real number, got '0.1'",
+    ),
+    Case(
+        "sigmoid margin negative",
+        "sigmoid_contrastive",
+        lambda: L.sigmoid_contrastive(f, f, **_SIG, margin=-1),
+        ValueError,
+        r"sigmoid_contrastive: margin must be in \[0\.0, inf\), got -1",
+    ),
+    Case(
+        "sigmoid margin nan",
+        "sigmoid_contrastive",
+        lambda: L.sigmoid_contrastive(f, f, **_SIG, margin=float("nan")),
+        ValueError,
+        r"sigmoid_contrastive: margin must not be NaN",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", MULTIPOSITIVE_CASES, ids=[c.id for c in MULTIPOSITIVE_CASES])
+def test_bad_multipositive_arguments_raise_naming_function_and_argument(case: Case) -> None:
+    with pytest.raises(case.exc, match=case.match) as info:
+        case.call()
+    assert str(info.value).startswith(f"{case.fn}: ")

@@ -16,7 +16,7 @@ and adds the training-time extras no weight update can express (CLIP-LoRA's bran
 R-Adapter's adapter dropping).
 """
 
-from robustft.peft._io import load, save
+from robustft.peft._io import header, load, save
 from robustft.peft._module import attach_, attached, fold_
 from robustft.peft._spec import BLOCKS, Spec, adapter, factor_names, is_factor, lora
 from robustft.peft._trees import apply, delta, factorize, fold, init, rescale, size, split
@@ -33,6 +33,7 @@ __all__ = [
     "factorize",
     "fold",
     "fold_",
+    "header",
     "init",
     "is_factor",
     "load",

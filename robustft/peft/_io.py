@@ -13,9 +13,32 @@ from torch import Tensor
 from robustft._checks import check_tensor_tree, describe
 from robustft.peft._spec import Spec, targets_of
 
-__all__ = ["load", "save"]
+__all__ = ["header", "load", "save"]
 
 _KEY = "robustft.peft"
+
+
+def header(spec: Spec, factors: Mapping[str, Tensor]) -> dict[str, str]:
+    """The safetensors header metadata of a factor file: ``{"robustft.peft": JSON}``.
+
+    What :func:`save` writes and :func:`load` reads: the spec's hyper-parameters and the names of
+    the weights the factors update. For writers of their own (atomic writes, extra metadata).
+
+    Raises:
+        TypeError: a bad spec or tree.
+        ValueError: keys that are not factors of ``spec``.
+
+    Example:
+        >>> header(lora(rank=1, alpha=1, targets="w"), {"w_lora_A": torch.zeros(1, 2),
+        ...        "w_lora_B": torch.zeros(2, 1)})["robustft.peft"][:30]
+        '{"kind": "lora", "rank": 1, "a'
+    """
+    fn = "header"
+    if not isinstance(spec, Spec):
+        raise TypeError(f"{fn}: spec must be a robustft.peft.Spec, got {describe(spec)}")
+    tree = check_tensor_tree(fn, "factors", factors)
+    targets = targets_of(fn, spec, tree)
+    return {_KEY: json.dumps({**spec.metadata(), "targets": [t.weight for t in targets]})}
 
 
 def save(path: str | os.PathLike[str], spec: Spec, factors: Mapping[str, Tensor]) -> Path:
@@ -54,13 +77,12 @@ def save(path: str | os.PathLike[str], spec: Spec, factors: Mapping[str, Tensor]
     if not isinstance(spec, Spec):
         raise TypeError(f"{fn}: spec must be a robustft.peft.Spec, got {describe(spec)}")
     tree = check_tensor_tree(fn, "factors", factors)
-    targets = targets_of(fn, spec, tree)
-    meta = {**spec.metadata(), "targets": [t.weight for t in targets]}
+    meta = header(spec, tree)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tree.items()}
     try:
-        save_file(tensors, str(tmp), metadata={_KEY: json.dumps(meta)})
+        save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

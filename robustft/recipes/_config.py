@@ -40,7 +40,10 @@ __all__ = [
     "resolve",
 ]
 
-SUPERVISED = ("ft", "lp-ft", "l2sp", "kd", "car-ft", "feature-kd", "flyp", "lipsum", "clipood")
+SUPERVISED = (
+    "ft", "lp-ft", "l2sp", "kd", "car-ft", "feature-kd", "flyp", "lipsum", "clipood", "r-adapter",
+    "clip-lora",
+)  # fmt: skip
 UNSUPERVISED = ("ueo", "entropy", "im")
 METHODS = SUPERVISED + UNSUPERVISED
 """Every trainable method, supervised first (``robustft finetune``), then unsupervised
@@ -48,6 +51,8 @@ METHODS = SUPERVISED + UNSUPERVISED
 AVERAGES = ("none", "ema", "bma", "uniform")
 """The trajectory averages of ``--average`` (:mod:`robustft.averaging`; ``none`` keeps none)."""
 SCORES = ("msp", "mcm", "energy", "max_logit")
+PEFT = ("none", "lora", "adapter")
+"""The parameter-efficient reparametrisations of ``--peft`` (:mod:`robustft.peft`)."""
 """The OOD scores of ``--score`` (``mcm``: MSP of the cosines at scale 1, UEO's score)."""
 
 
@@ -157,7 +162,14 @@ class RunConfig:
     ema_decay: float = _f(0.999, "EMA decay per step")
     bma_beta: float = _f(0.5, "BMA's Beta(β, β) (CLIPood: 0.5; 0.1 for open classes)")
     # method hyper-parameters (the papers' units)
-    margin: float = _f(0.3, "CLIPood: margin λ of the margin metric softmax")
+    margin: float = _f(
+        0.3,
+        "CLIPood: margin λ of the margin metric softmax; r-adapter: MPM-NCE's margin δ on the "
+        "negatives' cosines (0.05)",
+    )
+    label_smoothing: float = _f(
+        0.0, "r-adapter: MPM-NCE's label smoothing ε of the soft multi-positive targets"
+    )
     reg_weight: float | None = _f(
         None, "weight of the regulariser: L2-SP, KD, CAR-FT, FeatKD or Lipsum-FT's λ"
     )
@@ -184,6 +196,40 @@ class RunConfig:
     )
     prompt: str = _f("a photo of a", "UEO: the words the learned context starts from")
     lp_c: str = _f("0.01,0.1,1,10,100", "LP-FT: logistic-regression strengths to pick on val")
+    # parameter-efficient fine-tuning (robustft.peft): factors on the trained towers' weights
+    peft: str = _f(
+        "none",
+        "train low-rank factors instead of the towers' weights: none, lora (W + s·BA) or "
+        "adapter (R-Adapter's (I + W_adp)·W)",
+        choices=PEFT,
+    )
+    peft_rank: int | None = _f(
+        None, "rank r of the factors (default: lora 8; adapter full rank, 0 for full rank)"
+    )
+    peft_alpha: float | None = _f(None, "LoRA's α (default: the rank, so s = 1 with --peft-scaling rank)")
+    peft_scaling: str = _f(
+        "rank",
+        "LoRA's s: rank (α/r, LoRA and Hugging Face peft) or sqrt_rank (α/√r, rsLoRA, CLIP-LoRA)",
+        choices=("rank", "sqrt_rank"),
+    )
+    peft_targets: str | None = _f(
+        None,
+        "comma-separated globs of the 2-d weights to reparametrise, matched against the open_clip "
+        "model's names (default: lora *attn.in_proj_weight; adapter "
+        "*attn.out_proj.weight,*mlp.c_proj.weight); only the towers the method trains",
+    )
+    peft_qkv: str | None = _f(
+        None,
+        "LoRA: give these blocks of a fused attention in_proj_weight their own factors, e.g. "
+        "q,k,v (CLIP-LoRA) or q,v; default: the fused weight as one matrix",
+    )
+    peft_dropout: float = _f(0.0, "LoRA: dropout on the low-rank branch's input (CLIP-LoRA 0.25)")
+    peft_drop: float = _f(0.0, "adapter: adapter-dropping probability p per step (R-Adapter 0.2)")
+    peft_rescale: float = _f(
+        1.0,
+        "scale the learned update ΔW by this α when exporting (WiSE-FT on ΔW; R-Adapter 0.5); "
+        "the saved factors are the trained ones",
+    )
     # evaluation
     score: str | None = _f(None, "OOD score: msp, mcm (MSP at scale 1, UEO's), energy, max_logit")
     tpr: float = _f(0.95, "open-set threshold: accept this fraction of the validation knowns")
@@ -245,6 +291,22 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # CLIPood (Shu et al. 2023, code): AdamW lr 1e-5, wd 0.1, cosine without warm-up, batch 36,
     # λ 0.3, BMA β 0.5
     "clipood": {**_FT, "warmup": 0.0, "batch_size": 36, "average": "bma"},
+    # R-Adapter (Kim et al. 2024): full-rank adapters after every attention and MLP block of both
+    # towers, adapter dropping 0.2, EMA 0.999 of the adapters, re-scaling 0.5, MPM-NCE (δ 0.05,
+    # label smoothing), AdamW lr 5e-4 without weight decay, cosine with warm-up, 10 epochs
+    "r-adapter": {
+        **_FT, "lr": 5e-4, "weight_decay": 0.0, "average": "ema", "ema_decay": 0.999,
+        "margin": 0.05, "label_smoothing": 0.1, "peft": "adapter", "peft_drop": 0.2,
+        "peft_rescale": 0.5, "peft_targets": "*attn.out_proj.weight,*mlp.c_proj.weight",
+    },
+    # CLIP-LoRA (Zanella & Ben Ayed 2024, code): r 2, α 1 at α/√r, dropout 0.25 on q/k/v of both
+    # towers, AdamW lr 2e-4, weight decay 0.01, batch 32, cosine without warm-up, 500 × shots
+    # iterations (8000 for its 16 shots)
+    "clip-lora": {
+        **_FT, "lr": 2e-4, "weight_decay": 0.01, "warmup": 0.0, "batch_size": 32, "steps": 8000,
+        "peft": "lora", "peft_rank": 2, "peft_alpha": 1.0, "peft_scaling": "sqrt_rank",
+        "peft_dropout": 0.25, "peft_qkv": "q,k,v", "peft_targets": "*attn.in_proj_weight",
+    },
     "ueo": _UEO,
     "entropy": {**_UEO, "trade_off": 0.0},  # entropy minimisation: no marginal term
     "im": _UEO,  # information maximisation: UEO's objective with uniform weights
@@ -373,6 +435,48 @@ def resolve(overrides: Mapping[str, Any], *, method: str | None = None) -> RunCo
     return RunConfig(**checked)
 
 
+_PEFT_OF = {"r-adapter": "adapter", "clip-lora": "lora"}
+_PEFT_DEFAULTS = {
+    "peft_rank": None, "peft_alpha": None, "peft_scaling": "rank", "peft_targets": None,
+    "peft_qkv": None, "peft_dropout": 0.0, "peft_drop": 0.0, "peft_rescale": 1.0,
+}  # fmt: skip
+_LORA_ONLY = ("peft_alpha", "peft_scaling", "peft_qkv", "peft_dropout")
+
+
+def _check_peft(fn: str, c: Mapping[str, Any]) -> None:
+    """``--peft`` and its settings agree: no setting without it, none of the other kind's."""
+    kind, method = c["peft"], c["method"]
+    if method in _PEFT_OF and kind != _PEFT_OF[method]:
+        raise ValueError(
+            f"{fn}: {flag_of('peft')} must be {_PEFT_OF[method]} for method {method} (its "
+            f"paper's update), got {kind}; use another method for other updates"
+        )
+    changed = [k for k, d in _PEFT_DEFAULTS.items() if c[k] != d]
+    if kind == "none" and changed:
+        raise ValueError(
+            f"{fn}: {', '.join(flag_of(k) for k in changed)} set(s) factors that are not "
+            f"trained: {flag_of('peft')} is none; add --peft lora or --peft adapter"
+        )
+    if kind == "adapter":
+        lora_only = [k for k in _LORA_ONLY if c[k] != _PEFT_DEFAULTS[k]]
+        if lora_only:
+            raise ValueError(
+                f"{fn}: {', '.join(flag_of(k) for k in lora_only)} apply to --peft lora only, "
+                "got --peft adapter"
+            )
+    if kind == "lora":
+        if c["peft_drop"]:
+            raise ValueError(
+                f"{fn}: {flag_of('peft_drop')} (adapter dropping) applies to --peft adapter "
+                f"only, got --peft lora and {c['peft_drop']:g}; LoRA's is --peft-dropout"
+            )
+        if c["peft_rank"] == 0:
+            raise ValueError(
+                f"{fn}: {flag_of('peft_rank')} must be >= 1 for --peft lora (0 means full rank, "
+                "for adapters), got 0"
+            )
+
+
 def _check_together(fn: str, c: Mapping[str, Any]) -> None:
     """The checks of fields that depend on each other (each field alone is already valid)."""
     if c["steps"] is not None and c["epochs"] is not None:  # a method's defaults set one at most
@@ -390,6 +494,7 @@ def _check_together(fn: str, c: Mapping[str, Any]) -> None:
             f"{fn}: {flag_of('batch_size')} must be a multiple of --accumulation, got "
             f"{c['batch_size']} and --accumulation {c['accumulation']}"
         )
+    _check_peft(fn, c)
     owner: dict[str, str] = {}
     for key in NAMED_SETS:
         for name in c[key]:

@@ -260,6 +260,28 @@ _NON_NEGATIVE = _number(lambda x: x >= 0, "a finite number >= 0")
 _FRACTION = _number(lambda x: 0 <= x < 1, "a number in [0, 1)")
 
 
+def _globs(value: Any) -> str:
+    """Comma-separated non-empty name globs (``--peft-targets``)."""
+    allowed = "comma-separated weight-name globs, e.g. '*attn.in_proj_weight,*mlp.c_fc.weight'"
+    if not isinstance(value, str):
+        raise _RuleError(TypeError, f"must be {allowed}, got {_show(value)}")
+    parts = [p.strip() for p in value.split(",")]
+    if not all(parts):
+        raise _RuleError(ValueError, f"must be {allowed} (no empty entry), got {_show(value)}")
+    return ",".join(parts)
+
+
+def _qkv(value: Any) -> str:
+    """Distinct blocks among q, k, v (``--peft-qkv``), stored in q, k, v order."""
+    allowed = "comma-separated distinct blocks among q, k, v (e.g. q,k,v or q,v)"
+    if not isinstance(value, str):
+        raise _RuleError(TypeError, f"must be {allowed}, got {_show(value)}")
+    parts = [p.strip() for p in value.split(",")]
+    if not parts or any(p not in ("q", "k", "v") for p in parts) or len(set(parts)) != len(parts):
+        raise _RuleError(ValueError, f"must be {allowed}, got {_show(value)}")
+    return ",".join(b for b in ("q", "k", "v") if b in parts)
+
+
 def field_rules(
     fields: Mapping[str, dataclasses.Field[Any]], *, methods: Sequence[str], scores: Sequence[str]
 ) -> dict[str, Rule]:
@@ -314,6 +336,7 @@ def field_rules(
         "ema_decay": _number(lambda x: 0 <= x <= 1, "a number in [0, 1]"),
         "bma_beta": _POSITIVE,
         "margin": _NON_NEGATIVE,
+        "label_smoothing": _FRACTION,
         "reg_weight": _NON_NEGATIVE,
         "temperature": _POSITIVE,
         "lipsum_texts": _integer(1),
@@ -326,6 +349,15 @@ def field_rules(
         ),
         "prompt": _text(),
         "lp_c": _lp_c,
+        "peft": choice_of("peft"),
+        "peft_rank": _integer(0),
+        "peft_alpha": _POSITIVE,
+        "peft_scaling": choice_of("peft_scaling"),
+        "peft_targets": _globs,
+        "peft_qkv": _qkv,
+        "peft_dropout": _FRACTION,
+        "peft_drop": _FRACTION,
+        "peft_rescale": _NON_NEGATIVE,
         "score": _choice(scores),
         "tpr": _number(lambda x: 0 < x <= 1, "a number in (0, 1]"),
         "eval_every": _integer(0),

@@ -28,6 +28,7 @@ from torch.utils.data import Subset
 
 from robustft import clip, distributed, losses, merging, projections
 from robustft.recipes import _checkpoint as ckpt
+from robustft.recipes import _peft
 from robustft.recipes import _runfolder as run
 from robustft.recipes._config import SUPERVISED, UNSUPERVISED, RunConfig, lp_strengths
 from robustft.recipes._loop import TrainResult, plan, train
@@ -172,7 +173,7 @@ def _finetune(
         val = data.val
 
         def validate(tree: Mapping[str, Tensor]) -> float:
-            prep.evaluator.load(tree)
+            prep.evaluator.load(_peft.classifier(dict(tree)))
             return float(prep.evaluator.evaluate(val)["accuracy"])
 
     log(f"{config.method}: {len(data.train)} training images, {len(data.names)} classes")  # type: ignore[arg-type]
@@ -184,9 +185,12 @@ def _finetune(
     for name, tree in weights.items():
         if tree is None:
             continue
+        classifier = _peft.classifier(tree)
         if rt.main:
-            ckpt.save_tree(out / f"{name}.safetensors", tree, metadata=meta)
-        report.add(name, tree)
+            ckpt.save_tree(out / f"{name}.safetensors", classifier, metadata=meta)
+            if config.peft != "none":
+                _peft.save_outputs(out, name, tree, config, bundle, meta)
+        report.add(name, classifier)
     payload = {
         "method": config.method,
         "steps": result.history[-1]["step"] if result.history else 0,

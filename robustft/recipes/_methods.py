@@ -21,15 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustft import clip, losses
+from robustft import clip, losses, peft
 from robustft.clip._common import check_templates, unwrap
 from robustft.recipes._config import RunConfig, flag_of
+from robustft.recipes import _peft
 from robustft.recipes._config_file import text_lines
 from robustft.recipes._nets import (
     ContrastiveCLIP,
     FrozenClassifier,
     ImageClassifier,
     PromptClassifier,
+    TextClassifier,
     visual_tower,
 )
 
@@ -158,7 +160,12 @@ def _l2sp(ctx: Context) -> Method:
     cache: dict[str, dict[str, Tensor]] = {}
 
     def penalty(net: nn.Module, f: Tensor, z: Tensor, batch: Batch, step: int) -> Tensor:
-        params = dict(visual_tower(unwrap(net)).named_parameters())
+        tower = visual_tower(unwrap(net))
+        params = dict(tower.named_parameters())
+        spec = peft.attached(tower)
+        if spec is not None:  # --peft: measured on the update, ||W + ΔW - W0||² = ||ΔW||²
+            factors, base = peft.split(params)
+            params = peft.apply(spec, factors, base=base)
         if "anchor" not in cache:  # moved once, after the runtime placed the module
             cache["anchor"] = {n: pretrained[n].to(p.device) for n, p in params.items()}
         return losses.l2sp(params, anchor=cache["anchor"])
@@ -325,11 +332,22 @@ def _clipood(ctx: Context) -> Method:
     return Method(module, loss, _export_classifier)
 
 
-def _flyp(ctx: Context) -> Method:
+def _contrastive(ctx: Context, *, multi_positive: bool) -> Method:
+    r"""FLYP (``multi_positive=False``) or R-Adapter's MPM-NCE (``True``) on templated captions.
+
+    Each image's caption is its class name in a template picked per sample (a hash of seed, step
+    and sample: the same on every rank and on resume). FLYP's loss is CLIP's contrastive loss
+    with the trained logit scale; R-Adapter's treats every same-class pair of the global batch
+    as a positive (soft targets), smooths them by ``label_smoothing`` and adds ``margin`` to the
+    negatives' cosines (:func:`robustft.losses.clip_contrastive` with ``labels=``), at the
+    pre-trained scale (its adapters leave the scale frozen; :math:`1/\tau = 100` for OpenAI
+    CLIP, the paper's :math:`\tau = 0.01`).
+    """
     module = ContrastiveCLIP(ctx.model)
-    templates = check_templates("flyp", ctx.templates)
+    name = "r-adapter" if multi_positive else "flyp"
+    templates = check_templates(name, ctx.templates)
     captions = torch.stack([ctx.tokenizer([t(c) for c in ctx.classnames]) for t in templates])
-    seed, group = ctx.config.seed, ctx.group
+    seed, group, config = ctx.config.seed, ctx.group, ctx.config
 
     def loss(net: nn.Module, batch: Batch, step: int) -> Tensor:
         images, labels, indices = batch
@@ -337,12 +355,52 @@ def _flyp(ctx: Context) -> Method:
         which = (indices * 2654435761 + step * 40503 + seed) % len(templates)
         tokens = captions.to(images.device)[which, labels]
         f, t, scale = net(images, tokens)
-        return losses.clip_contrastive(f.float(), t.float(), logit_scale=scale, group=group)
+        if not multi_positive:
+            return losses.clip_contrastive(f.float(), t.float(), logit_scale=scale, group=group)
+        return losses.clip_contrastive(
+            f.float(),
+            t.float(),
+            logit_scale=scale,
+            labels=labels,
+            smoothing=config.label_smoothing,
+            margin=config.margin,
+            group=group,
+        )
 
     def export(net: nn.Module) -> dict[str, Tensor]:
         with torch.no_grad():
             head = clip.zero_shot_head(unwrap(net), ctx.tokenizer, ctx.classnames, ctx.templates)
         return {**_visual_tree(visual_tower(unwrap(net).get_submodule("model"))), "head": head}
+
+    return Method(module, loss, export)
+
+
+def _flyp(ctx: Context) -> Method:
+    return _contrastive(ctx, multi_positive=False)
+
+
+def _r_adapter(ctx: Context) -> Method:
+    return _contrastive(ctx, multi_positive=True)
+
+
+def _clip_lora(ctx: Context) -> Method:
+    r"""CLIP-LoRA: cross-entropy on :math:`s\,\hat f\,\hat T^\top`, the class prompts
+    (``"{prompt} {class}."``, one per class: its code's ``template[0]``) encoded through the
+    adapted text tower on every step."""
+    prompts = [f"{ctx.config.prompt} {c}." for c in ctx.classnames]
+    module = TextClassifier(ctx.model, ctx.tokenizer(prompts), ctx.scale)
+
+    def loss(net: nn.Module, batch: Batch, step: int) -> Tensor:
+        images, labels, _ = batch
+        return F.cross_entropy(net(images).float(), labels)
+
+    def export(net: nn.Module) -> dict[str, Tensor]:
+        with torch.no_grad():
+            head = net(None)
+        return {
+            **_visual_tree(visual_tower(unwrap(net).get_submodule("model"))),
+            "head": full(head),
+        }
 
     return Method(module, loss, export)
 
@@ -396,6 +454,8 @@ BUILDERS: dict[str, Callable[[Context], Method]] = {
     "flyp": _flyp,
     "lipsum": _lipsum,
     "clipood": _clipood,
+    "r-adapter": _r_adapter,
+    "clip-lora": _clip_lora,
     "ueo": _unsupervised,
     "entropy": _unsupervised,
     "im": _unsupervised,
@@ -415,7 +475,16 @@ def build(ctx: Context) -> Method:
     if name not in BUILDERS:
         raise ValueError(f"build: method must be one of {', '.join(BUILDERS)}, got {name!r}")
     method = BUILDERS[name](ctx._replace(model=copy.deepcopy(ctx.model)))
-    return method._replace(ddp_only=DDP_ONLY.get(name))
+    method = method._replace(ddp_only=DDP_ONLY.get(name))
+    if ctx.config.peft == "none":
+        return method
+    # --peft: factors on the trained towers (frozen, the logit scale included)
+    _peft.attach(method.module, ctx.config)
+    return method._replace(
+        loss=_peft.seeded_loss(method.loss, ctx.config),
+        export=_peft.export(method.export, ctx.config),
+        ddp_only=None if name == "flyp" else method.ddp_only,  # flyp's scale is frozen now
+    )
 
 
 def _fit_probe(x: Tensor, y: Tensor, classes: int, c: float, max_iter: int) -> Tensor:

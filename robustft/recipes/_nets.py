@@ -24,6 +24,7 @@ __all__ = [
     "FrozenClassifier",
     "ImageClassifier",
     "PromptClassifier",
+    "TextClassifier",
     "shard_units",
     "visual_tower",
 ]
@@ -163,6 +164,32 @@ class ContrastiveCLIP(nn.Module):
         """The text tower through this module's forward (so DDP/FSDP hooks run)."""
         text: Tensor = self(None, tokens)
         return text
+
+
+class TextClassifier(nn.Module):
+    r"""CLIP-LoRA's trained model: both towers, the class texts encoded on every step.
+
+    ``forward(images)`` returns the ``[batch, classes]`` logits :math:`s\,\hat f\,\hat T^\top`
+    with :math:`\hat T` the normalised features of ``tokens`` (one prompt per class) through the
+    text tower as it is now (so the gradient reaches the text tower's trained tensors);
+    ``forward(None)`` returns :math:`\hat T` ``[classes, dim]`` alone (the head to export). The
+    scale :math:`s` is the pre-trained model's, fixed, as CLIP-LoRA's ``logit_scale``.
+    """
+
+    model: Any
+
+    def __init__(self, model: nn.Module, tokens: Tensor, scale: float):
+        super().__init__()
+        self.model = model
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.scale = float(scale)
+
+    def forward(self, images: Tensor | None) -> Tensor:
+        text = F.normalize(self.model.encode_text(self.tokens), dim=-1)
+        if images is None:
+            return text
+        features = F.normalize(self.model.encode_image(images), dim=-1)
+        return self.scale * features @ text.to(features.dtype).T
 
 
 def shard_units(module: nn.Module) -> list[nn.Module]:
