@@ -206,7 +206,9 @@ class RunConfig:
     peft_rank: int | None = _f(
         None, "rank r of the factors (default: lora 8; adapter full rank, 0 for full rank)"
     )
-    peft_alpha: float | None = _f(None, "LoRA's α (default: the rank, so s = 1 with --peft-scaling rank)")
+    peft_alpha: float | None = _f(
+        None, "LoRA's α (default: the rank, so s = 1 with --peft-scaling rank)"
+    )
     peft_scaling: str = _f(
         "rank",
         "LoRA's s: rank (α/r, LoRA and Hugging Face peft) or sqrt_rank (α/√r, rsLoRA, CLIP-LoRA)",
@@ -295,17 +297,35 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # towers, adapter dropping 0.2, EMA 0.999 of the adapters, re-scaling 0.5, MPM-NCE (δ 0.05,
     # label smoothing), AdamW lr 5e-4 without weight decay, cosine with warm-up, 10 epochs
     "r-adapter": {
-        **_FT, "lr": 5e-4, "weight_decay": 0.0, "average": "ema", "ema_decay": 0.999,
-        "margin": 0.05, "label_smoothing": 0.1, "peft": "adapter", "peft_drop": 0.2,
-        "peft_rescale": 0.5, "peft_targets": "*attn.out_proj.weight,*mlp.c_proj.weight",
+        **_FT,
+        "lr": 5e-4,
+        "weight_decay": 0.0,
+        "average": "ema",
+        "ema_decay": 0.999,
+        "margin": 0.05,
+        "label_smoothing": 0.1,
+        "peft": "adapter",
+        "peft_drop": 0.2,
+        "peft_rescale": 0.5,
+        "peft_targets": "*attn.out_proj.weight,*mlp.c_proj.weight",
     },
     # CLIP-LoRA (Zanella & Ben Ayed 2024, code): r 2, α 1 at α/√r, dropout 0.25 on q/k/v of both
     # towers, AdamW lr 2e-4, weight decay 0.01, batch 32, cosine without warm-up, 500 × shots
     # iterations (8000 for its 16 shots)
     "clip-lora": {
-        **_FT, "lr": 2e-4, "weight_decay": 0.01, "warmup": 0.0, "batch_size": 32, "steps": 8000,
-        "peft": "lora", "peft_rank": 2, "peft_alpha": 1.0, "peft_scaling": "sqrt_rank",
-        "peft_dropout": 0.25, "peft_qkv": "q,k,v", "peft_targets": "*attn.in_proj_weight",
+        **_FT,
+        "lr": 2e-4,
+        "weight_decay": 0.01,
+        "warmup": 0.0,
+        "batch_size": 32,
+        "steps": 8000,
+        "peft": "lora",
+        "peft_rank": 2,
+        "peft_alpha": 1.0,
+        "peft_scaling": "sqrt_rank",
+        "peft_dropout": 0.25,
+        "peft_qkv": "q,k,v",
+        "peft_targets": "*attn.in_proj_weight",
     },
     "ueo": _UEO,
     "entropy": {**_UEO, "trade_off": 0.0},  # entropy minimisation: no marginal term

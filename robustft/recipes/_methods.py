@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from robustft import clip, losses, peft
 from robustft.clip._common import check_templates, unwrap
-from robustft.recipes._config import RunConfig, flag_of
 from robustft.recipes import _peft
+from robustft.recipes._config import RunConfig, flag_of
 from robustft.recipes._config_file import text_lines
 from robustft.recipes._nets import (
     ContrastiveCLIP,

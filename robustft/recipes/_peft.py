@@ -27,7 +27,12 @@ from robustft.clip._common import unwrap
 from robustft.recipes import _checkpoint as ckpt
 from robustft.recipes._config import RunConfig
 from robustft.recipes._model import ClipBundle, save_model
-from robustft.recipes._nets import ContrastiveCLIP, ImageClassifier, PromptClassifier, TextClassifier
+from robustft.recipes._nets import (
+    ContrastiveCLIP,
+    ImageClassifier,
+    PromptClassifier,
+    TextClassifier,
+)
 
 __all__ = ["DEFAULT_TARGETS", "attach", "classifier", "factors_of", "spec_of"]
 
@@ -101,9 +106,7 @@ def factors_of(net: nn.Module) -> dict[str, Tensor]:
     """The trained factors of a (wrapped) module, keyed by the open_clip model's names, full
     tensors (FSDP2's shards gathered), detached copies."""
     root, prefix = _root(unwrap(net))
-    return {
-        prefix + n: _full(p) for n, p in root.named_parameters() if peft.is_factor(n)
-    }
+    return {prefix + n: _full(p) for n, p in root.named_parameters() if peft.is_factor(n)}
 
 
 def _full(t: Tensor) -> Tensor:
@@ -180,7 +183,9 @@ def save_outputs(
     assert spec is not None
     factors = {k: v for k, v in tree.items() if peft.is_factor(k)}
     ckpt.save_tree(
-        out / f"{name}.peft.safetensors", factors, metadata={**metadata, **peft.header(spec, factors)}
+        out / f"{name}.peft.safetensors",
+        factors,
+        metadata={**metadata, **peft.header(spec, factors)},
     )
     pretrained = {k: v.detach().to("cpu") for k, v in bundle.model.state_dict().items()}
     scaled = peft.rescale(spec, factors, config.peft_rescale)
