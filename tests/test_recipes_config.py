@@ -260,6 +260,19 @@ GOOD: list[tuple[dict[str, Any], str, Any]] = [
     ({"collective_timeout": 0.5}, "collective_timeout", 0.5),
     ({"collective_timeout": 30}, "collective_timeout", 30.0),
     ({"nonfinite": "skip"}, "nonfinite", "skip"),
+    ({"label_smoothing": 0.1}, "label_smoothing", 0.1),
+    ({"peft": "lora"}, "peft", "lora"),
+    ({"peft": "lora", "peft_rank": 4}, "peft_rank", 4),
+    ({"peft": "adapter", "peft_rank": 0}, "peft_rank", 0),
+    ({"peft": "lora", "peft_alpha": 2}, "peft_alpha", 2.0),
+    ({"peft": "lora", "peft_scaling": "sqrt_rank"}, "peft_scaling", "sqrt_rank"),
+    ({"peft": "lora", "peft_targets": " *a.weight , *b"}, "peft_targets", "*a.weight,*b"),
+    ({"peft": "lora", "peft_qkv": "v, q"}, "peft_qkv", "q,v"),
+    ({"peft": "lora", "peft_dropout": 0.25}, "peft_dropout", 0.25),
+    ({"peft": "adapter", "peft_drop": 0.2}, "peft_drop", 0.2),
+    ({"peft": "adapter", "peft_rescale": 0.5}, "peft_rescale", 0.5),
+    ({"method": "clip-lora"}, "peft", "lora"),
+    ({"method": "r-adapter"}, "peft_rescale", 0.5),
 ]
 
 
@@ -289,6 +302,8 @@ _LPC = "a comma-separated list of numbers > 0 such as 0.01,0.1,1"
 _DEV = "cpu, cuda, cuda:N or mps"
 _TPL = "openai, simple or an existing text file of templates"
 _SETS = "a mapping NAME: DIR or a list of NAME=DIR strings"
+_GLOBS = "comma-separated weight-name globs, e.g. '*attn.in_proj_weight,*mlp.c_fc.weight'"
+_QKV = "comma-separated distinct blocks among q, k, v (e.g. q,k,v or q,v)"
 _NOT_BOOLEANS: tuple[Any, ...] = ("no", "yes", "false", "off", 1, 0, 1.0, [])
 
 # (field, value, exception, what is allowed): the message is
@@ -379,6 +394,34 @@ BAD: list[tuple[str, Any, type[Exception], str]] = [
     ("ema_decay", -0.1, ValueError, "a number in [0, 1]"),
     ("tpr", 0.0, ValueError, "a number in (0, 1]"),
     ("tpr", 1.01, ValueError, "a number in (0, 1]"),
+    ("label_smoothing", 1.0, ValueError, _FRAC),
+    ("peft_rank", -1, ValueError, _INT0),
+    ("peft_rank", 2.5, TypeError, _INT0),
+    ("peft_alpha", 0, ValueError, _POS),
+    ("peft_alpha", "1", TypeError, _POS),
+    ("peft_dropout", 1.0, ValueError, _FRAC),
+    ("peft_drop", -0.1, ValueError, _FRAC),
+    ("peft_rescale", -0.5, ValueError, _NONNEG),
+    *[
+        ("peft_targets", value, kind, _GLOBS + end)
+        for value, kind, end in (
+            ("a,,b", ValueError, " (no empty entry)"),
+            (",", ValueError, " (no empty entry)"),
+            ("", ValueError, " (no empty entry)"),
+            (3, TypeError, ""),
+            (["*a"], TypeError, ""),
+        )
+    ],
+    *[
+        ("peft_qkv", value, kind, _QKV)
+        for value, kind in (
+            ("q,x", ValueError),
+            ("q,q", ValueError),
+            ("", ValueError),
+            ("qkv", ValueError),
+            (3, TypeError),
+        )
+    ],
     *[
         (field, value, kind, "a non-empty string")
         for field in (
@@ -410,6 +453,8 @@ BAD: list[tuple[str, Any, type[Exception], str]] = [
             ("image_resize", "shortest, longest, squash", "crop"),
             ("image_interpolation", "bicubic, bilinear", "nearest"),
             ("nonfinite", "stop, skip", "ignore"),
+            ("peft", "none, lora, adapter", "qlora"),
+            ("peft_scaling", "rank, sqrt_rank", "log"),
             ("score", "msp, mcm, energy, max_logit", "odin"),
             ("score", "msp, mcm, energy, max_logit", ["msp"]),
         )
@@ -746,7 +791,12 @@ def valid_overrides(draw: Callable[[Any], Any]) -> dict[str, Any]:
     fields = dataclasses.fields(RunConfig)
     choices = {f.name: f.metadata["choices"] for f in fields if "choices" in f.metadata}
     strategies: dict[str, Any] = {
-        **{k: st.sampled_from(v) for k, v in choices.items() if k != "method"},
+        **{
+            k: st.sampled_from(v)
+            for k, v in choices.items()
+            if k not in ("method", "peft", "peft_scaling")  # peft: drawn together, below
+        },
+        "label_smoothing": frac,
         **{k: _text for k in ("model", "pretrained", "train", "val", "classnames", "output")},
         "prompt": _text,
         "val_fraction": _floats(0, 1, open_low=True, open_high=True),
@@ -775,6 +825,31 @@ def valid_overrides(draw: Callable[[Any], Any]) -> dict[str, Any]:
     for key, strategy in strategies.items():
         if draw(st.booleans()):
             d[key] = draw(strategy)
+    # --peft and its settings (the settings of one kind only, the kind a method fixes)
+    kind = {"r-adapter": "adapter", "clip-lora": "lora"}.get(method) or draw(
+        st.sampled_from(["none", "lora", "adapter"])
+    )
+    if kind != "none":
+        d["peft"] = kind
+        peft: dict[str, Any] = {
+            "peft_targets": st.lists(_names.map(lambda n: "*" + n), min_size=1, max_size=3).map(
+                ",".join
+            ),
+            "peft_rescale": nonneg,
+        }
+        if kind == "lora":
+            peft.update(
+                peft_rank=st.integers(1, 64),
+                peft_alpha=pos,
+                peft_scaling=st.sampled_from(["rank", "sqrt_rank"]),
+                peft_qkv=st.sampled_from(["q", "q,v", "q,k,v"]),
+                peft_dropout=frac,
+            )
+        else:
+            peft.update(peft_rank=st.integers(0, 64), peft_drop=frac)
+        for key, strategy in peft.items():
+            if draw(st.booleans()):
+                d[key] = draw(strategy)
     length = draw(st.sampled_from(["default", "steps", "epochs"]))
     if length == "steps":
         d["steps"] = draw(st.integers(1, 10**7))
