@@ -32,6 +32,7 @@ from robustft.recipes._nets import (
     ImageClassifier,
     PromptClassifier,
     TextClassifier,
+    full,
     visual_tower,
 )
 
@@ -110,16 +111,6 @@ def trained_tree(module: nn.Module) -> dict[str, Tensor]:
     return {n: p for n, p in unwrap(module).named_parameters() if p.requires_grad}
 
 
-def full(t: Tensor) -> Tensor:
-    """A fresh plain tensor of ``t``'s full value (a ``DTensor`` is all-gathered), detached.
-
-    Always a copy: an exported tree never aliases the live parameters (``full_tensor`` of a
-    one-rank mesh or a replicated ``DTensor`` returns the parameter's own storage).
-    """
-    full_tensor = getattr(t, "full_tensor", None)
-    return full_tensor().detach().clone() if callable(full_tensor) else t.detach().clone()
-
-
 def _visual_tree(visual: nn.Module) -> dict[str, Tensor]:
     return {f"visual.{n}": full(p) for n, p in visual.named_parameters()}
 
@@ -161,7 +152,7 @@ def _l2sp(ctx: Context) -> Method:
 
     def penalty(net: nn.Module, f: Tensor, z: Tensor, batch: Batch, step: int) -> Tensor:
         tower = visual_tower(unwrap(net))
-        params = dict(tower.named_parameters())
+        params: dict[str, Tensor] = dict(tower.named_parameters())
         spec = peft.attached(tower)
         if spec is not None:  # --peft: measured on the update, ||W + ΔW - W0||² = ||ΔW||²
             factors, base = peft.split(params)

@@ -25,6 +25,7 @@ __all__ = [
     "ImageClassifier",
     "PromptClassifier",
     "TextClassifier",
+    "full",
     "shard_units",
     "visual_tower",
 ]
@@ -43,6 +44,16 @@ def visual_tower(model: nn.Module) -> nn.Module:
             f"got {type(model).__name__}"
         )
     return tower
+
+
+def full(t: Tensor) -> Tensor:
+    """A fresh plain tensor of ``t``'s full value (a ``DTensor`` is all-gathered), detached.
+
+    Always a copy: an exported tree never aliases the live parameters (``full_tensor`` of a
+    one-rank mesh or a replicated ``DTensor`` returns the parameter's own storage).
+    """
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor().detach().clone() if callable(full_tensor) else t.detach().clone()
 
 
 def _logit_scale(model: nn.Module) -> float:

@@ -32,6 +32,8 @@ from robustft.recipes._nets import (
     ImageClassifier,
     PromptClassifier,
     TextClassifier,
+    full,
+    visual_tower,
 )
 
 __all__ = ["DEFAULT_TARGETS", "attach", "classifier", "factors_of", "spec_of"]
@@ -73,7 +75,7 @@ def _root(module: nn.Module) -> tuple[nn.Module, str]:
     if isinstance(module, ImageClassifier):
         return module.visual, "visual."
     if isinstance(module, PromptClassifier):
-        return module.model.visual, "visual."  # UEO adapts the image tower only
+        return visual_tower(module.model), "visual."  # UEO adapts the image tower only
     if isinstance(module, (ContrastiveCLIP, TextClassifier)):
         return module.model, ""  # both towers
     raise TypeError(f"--peft: cannot attach factors to a {type(module).__name__}")
@@ -106,12 +108,7 @@ def factors_of(net: nn.Module) -> dict[str, Tensor]:
     """The trained factors of a (wrapped) module, keyed by the open_clip model's names, full
     tensors (FSDP2's shards gathered), detached copies."""
     root, prefix = _root(unwrap(net))
-    return {prefix + n: _full(p) for n, p in root.named_parameters() if peft.is_factor(n)}
-
-
-def _full(t: Tensor) -> Tensor:
-    full_tensor = getattr(t, "full_tensor", None)
-    return full_tensor().detach().clone() if callable(full_tensor) else t.detach().clone()
+    return {prefix + n: full(p) for n, p in root.named_parameters() if peft.is_factor(n)}
 
 
 @contextlib.contextmanager
