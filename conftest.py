@@ -10,5 +10,7 @@ from robustft import peft
 def _doctest_namespace(doctest_namespace: dict) -> None:
     doctest_namespace["torch"] = torch
     # robustft.peft's doctests build specs with its factories
-    doctest_namespace.update(lora=peft.lora, adapter=peft.adapter, init=peft.init, load=peft.load)
+    doctest_namespace.update(
+        lora=peft.lora, adapter=peft.adapter, init=peft.init, load=peft.load, save=peft.save
+    )
     torch.manual_seed(0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -12,13 +11,14 @@ from torch import Tensor
 
 from robustft._checks import check_tensor_tree, describe
 from robustft.peft._spec import Spec, targets_of
+from robustft.typing import Params
 
 __all__ = ["header", "load", "save"]
 
 _KEY = "robustft.peft"
 
 
-def header(spec: Spec, factors: Mapping[str, Tensor]) -> dict[str, str]:
+def header(spec: Spec, factors: Params) -> dict[str, str]:
     """The safetensors header metadata of a factor file: ``{"robustft.peft": JSON}``.
 
     What :func:`save` writes and :func:`load` reads: the spec's hyper-parameters and the names of
@@ -41,7 +41,7 @@ def header(spec: Spec, factors: Mapping[str, Tensor]) -> dict[str, str]:
     return {_KEY: json.dumps({**spec.metadata(), "targets": [t.weight for t in targets]})}
 
 
-def save(path: str | os.PathLike[str], spec: Spec, factors: Mapping[str, Tensor]) -> Path:
+def save(path: str | os.PathLike[str], spec: Spec, factors: Params) -> Path:
     """Write ``factors`` to a safetensors file with ``spec`` and the target weights in its metadata.
 
     The file holds the factors only (a LoRA of rank 2 on q/k/v of both towers of ViT-B/16 is about
@@ -77,6 +77,7 @@ def save(path: str | os.PathLike[str], spec: Spec, factors: Mapping[str, Tensor]
     if not isinstance(spec, Spec):
         raise TypeError(f"{fn}: spec must be a robustft.peft.Spec, got {describe(spec)}")
     tree = check_tensor_tree(fn, "factors", factors)
+    targets_of(fn, spec, tree)
     meta = header(spec, tree)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -84,6 +85,10 @@ def save(path: str | os.PathLike[str], spec: Spec, factors: Mapping[str, Tensor]
     try:
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
+    except Exception as err:  # safetensors wraps I/O errors in its own type
+        if isinstance(err, OSError):
+            raise
+        raise OSError(f"{fn}: cannot write {str(path)!r} ({err})") from err
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -110,6 +115,15 @@ def load(
         FileNotFoundError: no such file.
         ValueError: the file is not a safetensors file, or has no robustft factor metadata, or
             its tensors do not match it.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> spec = adapter(targets="w")
+        >>> p = save(pathlib.Path(tempfile.mkdtemp()) / "a.safetensors", spec,
+        ...          {"w_adapter": torch.zeros(2, 2)})
+        >>> loaded, factors = load(p)
+        >>> loaded.kind, loaded.targets, list(factors)
+        ('adapter', ('w',), ['w_adapter'])
     """
     from safetensors import safe_open
 
@@ -144,5 +158,11 @@ def load(
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{fn}: {str(path)!r} has damaged {_KEY!r} metadata ({err})") from None
-    targets_of(fn, spec, tensors)
+    found = sorted(t.weight for t in targets_of(fn, spec, tensors))
+    recorded = sorted(m["targets"])
+    if found != recorded:
+        raise ValueError(
+            f"{fn}: {str(path)!r}'s metadata names the weights {recorded} but its tensors are "
+            f"factors of {found}"
+        )
     return spec, tensors

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -13,6 +12,7 @@ from torch import Tensor, nn
 from robustft._checks import describe
 from robustft.peft._spec import Spec, Target
 from robustft.peft._trees import _check_spec, _checked, _updates
+from robustft.typing import Params
 
 __all__ = ["attach_", "attached", "fold_"]
 
@@ -193,9 +193,9 @@ def _attention_forward(
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(hd)
             if mask is not None:
                 scores = scores + mask
-            probs = scores.softmax(-1)
-            weights = probs.mean(1) if average_attn_weights else probs
-            out = F.dropout(probs, p, training=p > 0) @ v
+            probs = F.dropout(scores.softmax(-1), p, training=p > 0)  # returned after dropout,
+            weights = probs.mean(1) if average_attn_weights else probs  # as nn.MultiheadAttention
+            out = probs @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         out = out.permute(2, 0, 1, 3).reshape(length, n, e)
@@ -242,7 +242,7 @@ def _additive_mask(
     return mask
 
 
-def attach_(module: nn.Module, spec: Spec, factors: Mapping[str, Tensor]) -> nn.Module:
+def attach_(module: nn.Module, spec: Spec, factors: Params) -> nn.Module:
     r"""Make ``factors`` parameters of ``module`` and run its forward with the updated weights.
 
     In place: every parameter of ``module`` is frozen (``requires_grad=False``), each factor
@@ -308,7 +308,7 @@ def attach_(module: nn.Module, spec: Spec, factors: Mapping[str, Tensor]) -> nn.
             "use a fresh copy of the model"
         )
     base = dict(module.named_parameters())
-    targets, f, _ = _checked(fn, spec, factors, base)
+    targets, f, _ = _checked(fn, spec, factors, base, where="module")
     groups: dict[str, tuple[nn.Module, list[Target]]] = {}
     for t in targets:
         owner_path, _ = _split_name(t.weight)
@@ -333,6 +333,13 @@ def attach_(module: nn.Module, spec: Spec, factors: Mapping[str, Tensor]) -> nn.
                 raise ValueError(
                     f"{fn}: {path!r} has separate q/k/v weights; only the fused "
                     "in_proj_weight layout is supported with dropout"
+                )
+            if isinstance(hook, nn.MultiheadAttention) and (
+                hook.bias_k is not None or hook.add_zero_attn
+            ):
+                raise ValueError(
+                    f"{fn}: {path!r} uses add_bias_kv / add_zero_attn, which the explicit "
+                    "attention does not compute; use dropout=0"
                 )
     module.requires_grad_(False)
     for t in targets:

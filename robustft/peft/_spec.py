@@ -60,13 +60,18 @@ class Spec:
             :func:`attach_` in training mode only; the tree functions ignore it.
         drop: the adapter-dropping probability :math:`p` (R-Adapter), applied by :func:`attach_`
             in training mode only; the tree functions ignore it.
+
+    Example:
+        >>> spec = lora(rank=4, alpha=8, targets="*attn.in_proj_weight", qkv=("q", "v"))
+        >>> spec.kind, spec.scale, spec.qkv
+        ('lora', 2.0, ('q', 'v'))
     """
 
     kind: str
     rank: int | None
     alpha: float
     scaling: str
-    targets: Any
+    targets: Where
     qkv: tuple[str, ...] | None = None
     dropout: float = 0.0
     drop: float = 0.0
@@ -126,7 +131,8 @@ def lora(
     ``...in_proj_weight`` with ``3d`` rows, open_clip's ``nn.MultiheadAttention``) gets one pair of
     factors per listed block — the update is ``cat([s B_q A_q, s B_k A_k, s B_v A_v])`` with zero
     blocks for the unlisted ones — which is CLIP-LoRA's q/k/v LoRA without replacing the attention
-    module (Hugging Face peft cannot target this weight at all).
+    module (Hugging Face peft cannot target this weight by name: its experimental
+    ``nn.MultiheadAttention`` layer wraps the whole module, huggingface/peft#761).
 
     Args:
         rank: :math:`r \geq 1`.
@@ -295,8 +301,8 @@ def resolve(fn: str, spec: Spec, params: Mapping[str, Tensor]) -> list[str]:
     """The target weight names of ``spec`` in ``params`` (every one 2-d and not a factor)."""
     try:
         chosen = list(select(params, spec.targets))
-    except ValueError as err:
-        raise ValueError(f"{fn}: spec.targets {err}".replace("select: where ", "", 1)) from None
+    except (TypeError, ValueError) as err:  # select's message, under this function's name
+        raise type(err)(f"{fn}: spec.targets " + str(err).split(": where ", 1)[-1]) from None
     chosen = [k for k in chosen if not is_factor(k)]
     if not chosen:
         raise ValueError(

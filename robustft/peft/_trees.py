@@ -122,22 +122,22 @@ def _bias_name(weight: str) -> str:
 
 
 def _checked(
-    fn: str, spec: Spec, factors: Params, base: Params
+    fn: str, spec: Spec, factors: Params, base: Params, *, where: str = "base"
 ) -> tuple[list[Target], Mapping[str, Tensor], Mapping[str, Tensor]]:
     _check_spec(fn, spec)
     f = check_tensor_tree(fn, "factors", factors)
-    b = check_tensor_tree(fn, "base", base)
+    b = check_tensor_tree(fn, where, base)
     targets = targets_of(fn, spec, f)
     missing = [t.weight for t in targets if t.weight not in b]
     if missing:
         raise ValueError(
-            f"{fn}: base must hold every weight the factors update, missing {fmt_keys(missing)}"
+            f"{fn}: {where} must hold every weight the factors update, missing {fmt_keys(missing)}"
         )
     r = spec.rank
     for t in targets:
         w = b[t.weight]
         if w.ndim != 2:
-            raise ValueError(f"{fn}: base[{t.weight!r}] must be 2-d, got shape {tuple(w.shape)}")
+            raise ValueError(f"{fn}: {where}[{t.weight!r}] must be 2-d, got shape {tuple(w.shape)}")
         rows, cols = w.shape
         fused = spec.kind == "lora" and spec.qkv is not None and is_fused(t.weight, (rows, cols))
         if fused != (t.blocks is not None):
@@ -150,7 +150,7 @@ def _checked(
             shape = _factor_shape(spec, part, rows, cols, r)
             if tuple(f[key].shape) != shape:
                 raise ValueError(
-                    f"{fn}: factors[{key!r}] must have shape {shape} for base[{t.weight!r}] of "
+                    f"{fn}: factors[{key!r}] must have shape {shape} for {where}[{t.weight!r}] of "
                     f"shape {tuple(w.shape)} and rank {r}, got {tuple(f[key].shape)}"
                 )
             if not f[key].is_floating_point():
@@ -388,7 +388,8 @@ def factorize(spec: Spec, updates: Params, *, base: Params | None = None) -> dic
     Raises:
         TypeError: a bad spec or tree.
         ValueError: an adapter spec (a multiplicative update has no closed-form factoring), a
-            non-2-d update, or a fused weight whose rows are not a multiple of 3.
+            non-2-d update. A weight named ``...in_proj_weight`` whose rows are not a multiple
+            of 3 is not a fused in-projection: it is factored as one matrix, as :func:`init` does.
 
     Example:
         >>> spec = lora(rank=1, alpha=1, targets="w")

@@ -51,9 +51,9 @@ METHODS = SUPERVISED + UNSUPERVISED
 AVERAGES = ("none", "ema", "bma", "uniform")
 """The trajectory averages of ``--average`` (:mod:`robustft.averaging`; ``none`` keeps none)."""
 SCORES = ("msp", "mcm", "energy", "max_logit")
+"""The OOD scores of ``--score`` (``mcm``: MSP of the cosines at scale 1, UEO's score)."""
 PEFT = ("none", "lora", "adapter")
 """The parameter-efficient reparametrisations of ``--peft`` (:mod:`robustft.peft`)."""
-"""The OOD scores of ``--score`` (``mcm``: MSP of the cosines at scale 1, UEO's score)."""
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -194,7 +194,11 @@ class RunConfig:
         "UEO/IM/entropy: the logit scale of the training loss, logits = scale·cos (the official "
         "code's fixed 100); 0: the model's own logit scale s",
     )
-    prompt: str = _f("a photo of a", "UEO: the words the learned context starts from")
+    prompt: str = _f(
+        "a photo of a",
+        "UEO: the words the learned context starts from; clip-lora: its class prompts are "
+        "'<prompt> <class>.'",
+    )
     lp_c: str = _f("0.01,0.1,1,10,100", "LP-FT: logistic-regression strengths to pick on val")
     # parameter-efficient fine-tuning (robustft.peft): factors on the trained towers' weights
     peft: str = _f(

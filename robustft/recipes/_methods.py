@@ -359,11 +359,26 @@ def _contrastive(ctx: Context, *, multi_positive: bool) -> Method:
         )
 
     def export(net: nn.Module) -> dict[str, Tensor]:
-        with torch.no_grad():
-            head = clip.zero_shot_head(unwrap(net), ctx.tokenizer, ctx.classnames, ctx.templates)
+        with torch.no_grad():  # the text tower through the module's forward: FSDP2 unshards it
+            head = clip.zero_shot_head(
+                _TextThrough(net), ctx.tokenizer, ctx.classnames, ctx.templates
+            )
         return {**_visual_tree(visual_tower(unwrap(net).get_submodule("model"))), "head": head}
 
     return Method(module, loss, export)
+
+
+class _TextThrough(nn.Module):
+    """A plain module whose ``encode_text`` runs a (DDP- or FSDP2-managed) :class:`ContrastiveCLIP`'s
+    own forward, for :func:`robustft.clip.zero_shot_head` (which refuses FSDP-managed models)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        text: Tensor = self.net(None, tokens)
+        return text
 
 
 def _flyp(ctx: Context) -> Method:

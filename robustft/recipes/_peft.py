@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from robustft import peft
 from robustft.clip._common import unwrap
-from robustft.recipes import _checkpoint as ckpt
 from robustft.recipes._config import RunConfig
 from robustft.recipes._model import ClipBundle, save_model
 from robustft.recipes._nets import (
@@ -35,6 +34,7 @@ from robustft.recipes._nets import (
     full,
     visual_tower,
 )
+from robustft.recipes._weights import save_tree
 
 __all__ = ["DEFAULT_TARGETS", "attach", "classifier", "factors_of", "spec_of"]
 
@@ -90,7 +90,8 @@ def attach(module: nn.Module, config: RunConfig) -> nn.Module:
     spec = spec_of(config)
     assert spec is not None
     root, prefix = _root(module)
-    spec = peft.Spec(**{**spec.__dict__, "targets": _select(spec.targets, prefix)})
+    globs = tuple((config.peft_targets or DEFAULT_TARGETS[config.peft]).split(","))
+    spec = peft.Spec(**{**spec.__dict__, "targets": _select(globs, prefix)})
     params = dict(root.named_parameters())
     try:
         factors = peft.init(spec, params, generator=torch.Generator().manual_seed(config.seed))
@@ -179,7 +180,7 @@ def save_outputs(
     spec = spec_of(config)
     assert spec is not None
     factors = {k: v for k, v in tree.items() if peft.is_factor(k)}
-    ckpt.save_tree(
+    save_tree(
         out / f"{name}.peft.safetensors",
         factors,
         metadata={**metadata, **peft.header(spec, factors)},
@@ -192,17 +193,18 @@ def save_outputs(
     save_model(bundle._replace(model=model), out, name=f"{name}-model", overwrite=True)
 
 
-def _mix(seed: int, step: int) -> int:
-    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9) % (2**63 - 1)
+def _mix(seed: int, step: int, sample: int = 0) -> int:
+    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + sample * 0x94D049BB133111EB) % (
+        2**63 - 1
+    )
 
 
 @contextlib.contextmanager
-def step_rng(seed: int, step: int, device: torch.device) -> Iterator[None]:
-    """The global generators (CPU and ``device``'s) seeded by ``(seed, step)`` for one step.
+def step_rng(seed: int, step: int, device: torch.device, sample: int = 0) -> Iterator[None]:
+    """The global generators (CPU and ``device``'s) seeded by ``(seed, step, sample)`` for a while.
 
     The draws of CLIP-LoRA's branch dropout and R-Adapter's adapter dropping then depend on the
-    step only: a resumed run draws what the uninterrupted one did, every rank draws the same
-    adapter gates (one process's gates, whatever the number of ranks), and the callers'
+    run's position only, so a resumed run draws what the uninterrupted one did; the callers'
     generators are left as they were.
     """
     cpu = torch.default_generator
@@ -210,7 +212,7 @@ def step_rng(seed: int, step: int, device: torch.device) -> Iterator[None]:
     dev_state = None
     if device.type == "cuda":
         dev_state = torch.cuda.get_rng_state(device)
-    value = _mix(seed, step)
+    value = _mix(seed, step, sample)
     cpu.manual_seed(value)
     if device.type == "cuda":
         torch.cuda.default_generators[device.index or 0].manual_seed(value)
@@ -223,14 +225,24 @@ def step_rng(seed: int, step: int, device: torch.device) -> Iterator[None]:
 
 
 def seeded_loss(loss: Any, config: RunConfig) -> Any:
-    """``loss`` run under :func:`step_rng` when the factors draw random numbers in training."""
+    """``loss`` run under :func:`step_rng` when the factors draw random numbers in training.
+
+    R-Adapter's adapter gates are drawn per step, ``(seed, step)``: every micro-batch and every
+    rank draws the same gates, so a step's gates are one process's, whatever the number of ranks
+    and micro-steps. CLIP-LoRA's dropout masks are per element, so they are drawn per
+    micro-batch, ``(seed, step, position of its first sample)``: distinct micro-batches and ranks
+    draw distinct masks (never the same mask on different samples), and a resumed run the same
+    ones. (A LoRA has no gates and an adapter no dropout: the two never share a spec.)
+    """
     spec = spec_of(config)
     if spec is None or (spec.dropout == 0 and spec.drop == 0):
         return loss
-    seed = config.seed
+    seed, per_batch = config.seed, spec.dropout > 0
 
     def run(net: nn.Module, batch: Any, step: int) -> Tensor:
-        with step_rng(seed, step, batch[0].device):
+        indices = batch[2]
+        sample = int(indices[0]) + 1 if per_batch and len(indices) else 0
+        with step_rng(seed, step, batch[0].device, sample):
             out: Tensor = loss(net, batch, step)
             return out
 
