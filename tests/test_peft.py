@@ -619,3 +619,29 @@ def test_load_a_file_without_metadata_and_a_damaged_file(tmp_path: Any) -> None:
         peft.load(bad)
     with pytest.raises(FileNotFoundError, match=r"load: path must be an existing factor file"):
         peft.load(tmp_path / "missing.safetensors")
+
+
+def test_a_ball_around_the_base_scales_the_update_and_refactors_exactly() -> None:
+    """projections.l2_ball on the applied weights bounds ||ΔW|| and scales it by a number, so the
+    projected update keeps rank r and factorize gives its factors back exactly."""
+    from robustft import projections, tree
+
+    g = torch.Generator().manual_seed(3)
+    base = {"a.weight": torch.randn(6, 5, generator=g), "b.weight": torch.randn(4, 4, generator=g)}
+    spec = peft.lora(rank=2, alpha=3, targets="*.weight")
+    factors = {
+        k: torch.randn(v.shape, generator=g, dtype=v.dtype)
+        for k, v in peft.init(spec, base, generator=g).items()
+    }
+    w = peft.apply(spec, factors, base=base)
+    norms = {k: float((w[k] - base[k]).norm()) for k in w}
+    radius = 0.5 * min(norms.values())
+    inside = projections.l2_ball(w, anchor=base, radius=radius)
+    update = tree.sub(inside, base)
+    for k in update:
+        assert math.isclose(float(update[k].norm()), radius, rel_tol=1e-5)
+        expected = (w[k] - base[k]) * (radius / norms[k])
+        torch.testing.assert_close(update[k], expected, rtol=1e-5, atol=1e-6)
+    again = peft.delta(spec, peft.factorize(spec, update), base=base)
+    for k in update:
+        torch.testing.assert_close(again[k], update[k], rtol=1e-4, atol=1e-5)
