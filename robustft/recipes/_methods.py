@@ -120,6 +120,13 @@ def _export_classifier(net: nn.Module) -> dict[str, Tensor]:
     return {**_visual_tree(visual_tower(inner)), "head": full(inner.get_parameter("head"))}
 
 
+def _export_text_head(net: nn.Module) -> dict[str, Tensor]:
+    """The classifier of a module whose ``forward(None)`` is its text head (UEO, CLIP-LoRA)."""
+    with torch.no_grad():
+        head = net(None)
+    return {**_visual_tree(visual_tower(unwrap(net).get_submodule("model"))), "head": full(head)}
+
+
 def _supervised(
     ctx: Context,
     penalty: Callable[[nn.Module, Tensor, Tensor, Batch, int], Tensor] | None,
@@ -400,15 +407,7 @@ def _clip_lora(ctx: Context) -> Method:
         images, labels, _ = batch
         return F.cross_entropy(net(images).float(), labels)
 
-    def export(net: nn.Module) -> dict[str, Tensor]:
-        with torch.no_grad():
-            head = net(None)
-        return {
-            **_visual_tree(visual_tower(unwrap(net).get_submodule("model"))),
-            "head": full(head),
-        }
-
-    return Method(module, loss, export)
+    return Method(module, loss, _export_text_head)
 
 
 def _unsupervised(ctx: Context) -> Method:
@@ -439,15 +438,7 @@ def _unsupervised(ctx: Context) -> Method:
         weights = confidence.to(logits.device)[indices]
         return losses.ueo(logits.float(), weights, trade_off=trade_off, group=group)
 
-    def export(net: nn.Module) -> dict[str, Tensor]:
-        with torch.no_grad():
-            head = net(None)
-        return {
-            **_visual_tree(visual_tower(unwrap(net).get_submodule("model"))),
-            "head": full(head),
-        }
-
-    return Method(module, loss, export)
+    return Method(module, loss, _export_text_head)
 
 
 BUILDERS: dict[str, Callable[[Context], Method]] = {
