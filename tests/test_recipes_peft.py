@@ -685,3 +685,18 @@ def test_l2sp_with_lora_measures_the_update() -> None:
     loss.backward()
     assert all(p.grad is not None for p in factors.values())
     assert all(p.grad is None for n, p in net.named_parameters() if n not in trained)
+
+
+def test_ueo_with_peft_keeps_its_trained_set_and_adds_the_factors() -> None:
+    """UEO --peft trains its context and the image tower's norm affines, plus the factors; the
+    tower's other weights and the whole text tower stay frozen."""
+    from robustft import clip
+    from robustft.recipes._methods import trained_tree
+
+    _, ctx, _ = _setup("ueo", peft="lora", peft_rank=2)
+    method = build(ctx)
+    trained = set(trained_tree(method.module))
+    affines = {f"model.{n}" for n in clip.norm_affine_names(ctx.model, under="visual")}
+    factors = {n for n in trained if peft.is_factor(n)}
+    assert factors and all(n.startswith("model.visual.") for n in factors)
+    assert trained == {"context"} | affines | factors

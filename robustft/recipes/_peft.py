@@ -102,6 +102,9 @@ def attach(module: nn.Module, config: RunConfig) -> nn.Module:
             f"{'*' if prefix else ''}): {err}"
         ) from None
     peft.attach_(root, spec, factors)
+    if isinstance(module, PromptClassifier):  # UEO keeps its own trained set: the norm affines
+        for name in module.affines:
+            module.model.get_parameter(name).requires_grad_(True)
     return module
 
 
@@ -173,7 +176,8 @@ def save_outputs(
       model's names, with :func:`robustft.peft.header`'s metadata (kind, rank, α, scaling, q/k/v
       blocks, targets): ``robustft.peft.load`` reads it back;
     - ``<name>-model.json`` / ``.safetensors`` / ``.safetensors.json``: the whole open_clip model
-      with the update (scaled by ``--peft-rescale``) folded in, saved by
+      with the update (scaled by ``--peft-rescale``) folded in and the image tower as exported
+      (UEO's trained norm affines included), saved by
       :func:`robustft.recipes.save_model` — ``open_clip.create_model(..., pretrained=FILE)`` and
       ``robustft ... --model <name>-model.json --pretrained <name>-model.safetensors`` load it.
     """
@@ -188,6 +192,9 @@ def save_outputs(
     pretrained = {k: v.detach().to("cpu") for k, v in bundle.model.state_dict().items()}
     scaled = peft.rescale(spec, factors, config.peft_rescale)
     folded = peft.fold(spec, scaled, base=pretrained)
+    # the exported image tower is the authority on it: folded, and with any other tensor the
+    # method trains there (UEO's norm affines)
+    folded.update({k: v for k, v in tree.items() if k.startswith("visual.") and k in folded})
     model = copy.deepcopy(bundle.model).to("cpu")
     model.load_state_dict(folded)
     save_model(bundle._replace(model=model), out, name=f"{name}-model", overwrite=True)
