@@ -10,7 +10,5 @@ from robustft import peft
 def _doctest_namespace(doctest_namespace: dict) -> None:
     doctest_namespace["torch"] = torch
     # robustft.peft's doctests build specs with its factories
-    doctest_namespace.update(
-        lora=peft.lora, adapter=peft.adapter, init=peft.init, load=peft.load, save=peft.save
-    )
+    doctest_namespace.update(peft=peft, lora=peft.lora, adapter=peft.adapter)
     torch.manual_seed(0)

@@ -66,7 +66,7 @@ def save(path: str | os.PathLike[str], spec: Spec, factors: Params) -> Path:
     Example:
         >>> import tempfile, pathlib
         >>> spec = lora(rank=1, alpha=2, targets="w")
-        >>> f = init(spec, {"w": torch.zeros(2, 2)})
+        >>> f = peft.init(spec, {"w": torch.zeros(2, 2)})
         >>> p = save(pathlib.Path(tempfile.mkdtemp()) / "f.safetensors", spec, f)
         >>> load(p)[0] == spec.__class__(**{**spec.__dict__, "targets": ("w",)})
         True

@@ -289,7 +289,7 @@ def attach_(module: nn.Module, spec: Spec, factors: Params) -> nn.Module:
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
         >>> spec = lora(rank=1, alpha=1, targets="0.weight")
-        >>> _ = attach_(net, spec, init(spec, dict(net.named_parameters())))
+        >>> _ = attach_(net, spec, peft.init(spec, dict(net.named_parameters())))
         >>> sorted(n for n, p in net.named_parameters() if p.requires_grad)
         ['0.weight_lora_A', '0.weight_lora_B']
 
@@ -378,7 +378,7 @@ def fold_(module: nn.Module) -> dict[str, Tensor]:
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
         >>> spec = lora(rank=1, alpha=1, targets="0.weight")
-        >>> _ = attach_(net, spec, init(spec, dict(net.named_parameters())))
+        >>> _ = attach_(net, spec, peft.init(spec, dict(net.named_parameters())))
         >>> sorted(fold_(net))
         ['0.weight_lora_A', '0.weight_lora_B']
         >>> attached(net) is None
