@@ -645,3 +645,24 @@ def test_a_ball_around_the_base_scales_the_update_and_refactors_exactly() -> Non
     again = peft.delta(spec, peft.factorize(spec, update), base=base)
     for k in update:
         torch.testing.assert_close(again[k], update[k], rtol=1e-4, atol=1e-5)
+
+
+def test_targets_by_tower_from_clip_names() -> None:
+    """A tower is a target list built from robustft.clip's name helpers (or a 'visual.*' glob)."""
+    from clip_models import tiny_vit_clip
+
+    from robustft import clip
+
+    model = tiny_vit_clip()
+    params = dict(model.named_parameters())
+    visual = [n for n in clip.visual_names(model) if n.endswith("attn.in_proj_weight")]
+    text = [n for n in clip.text_names(model) if n.endswith("attn.in_proj_weight")]
+    assert visual and text
+    spec = peft.lora(rank=1, alpha=1, targets=visual)
+    assert {peft._spec.parse(k)[0] for k in peft.init(spec, params)} == set(visual)
+    glob = peft.lora(rank=1, alpha=1, targets="visual.*attn.in_proj_weight")
+    assert set(peft.init(glob, params)) == set(peft.init(spec, params))
+    spec = peft.lora(rank=1, alpha=1, targets=text, qkv=("v",))
+    assert {peft._spec.parse(k) for k in peft.init(spec, params)} == {
+        (n, part, "v") for n in text for part in ("lora_A", "lora_B")
+    }
