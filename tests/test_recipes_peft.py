@@ -700,3 +700,25 @@ def test_ueo_with_peft_keeps_its_trained_set_and_adds_the_factors() -> None:
     factors = {n for n in trained if peft.is_factor(n)}
     assert factors and all(n.startswith("model.visual.") for n in factors)
     assert trained == {"context"} | affines | factors
+
+
+def test_best_weights_are_saved_mid_run_as_at_the_end(tiny: Tiny, tmp_path: Path) -> None:
+    """--select best with --peft: best.safetensors is a classifier (no factor key) while the run
+    trains too, the factors sit in best.peft.safetensors, and resume reads both back."""
+    from robustft.recipes import _peft
+
+    out = tmp_path / "best"
+    run(overrides(tiny, out, "ft", peft="lora", peft_rank=2, select="best", eval_every=1))
+    classifier = load_file(str(out / "best.safetensors"))
+    assert classifier and not any(peft.is_factor(k) for k in classifier)
+    spec, factors = peft.load(out / "best.peft.safetensors")
+    assert spec.kind == "lora" and spec.rank == 2 and factors
+    config = resolve({"method": "ft", "peft": "lora", "peft_rank": 2})
+    tree = _peft.load_best(out, config)
+    assert set(tree) == set(classifier) | set(factors)
+    # the mid-run writer gives the same two files
+    again = tmp_path / "again"
+    again.mkdir()
+    _peft.save_best(again, tree, config)
+    assert set(load_file(str(again / "best.safetensors"))) == set(classifier)
+    assert peft.load(again / "best.peft.safetensors")[0] == spec

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from robustft import averaging
 from robustft.recipes import _checkpoint as ckpt
+from robustft.recipes import _peft
 from robustft.recipes._config import RunConfig, flag_of
 from robustft.recipes._methods import Method, trained_tree
 from robustft.recipes._runtime import Runtime, autocast, no_sync, quiet_worker, wrap
@@ -365,7 +366,7 @@ def _train(
         loaded = ckpt.load(run_dir, net, optimizer, state, runtime)
         start, best_score, saved = loaded.step, loaded.best_score, loaded.step
         if config.select == "best" and (run_dir / "best.safetensors").exists():
-            best = ckpt.load_tree(run_dir / "best.safetensors")
+            best = _peft.load_best(run_dir, config)
         history = ckpt.trim_metrics(run_dir, start) if runtime.main else []
     skip = config.nonfinite == "skip"
     skipped = next(
@@ -514,7 +515,7 @@ def _train(
                         raise fail(step, "weights (a non-finite gradient with a finite loss?)")
                     best_score, best = score, {k: v.detach().cpu().clone() for k, v in tree.items()}
                     if runtime.main and run_dir is not None:
-                        ckpt.save_tree(run_dir / "best.safetensors", best)
+                        _peft.save_best(run_dir, best, config)
             if (
                 run_dir is not None
                 and config.save_every

@@ -34,7 +34,7 @@ from robustft.recipes._nets import (
     full,
     visual_tower,
 )
-from robustft.recipes._weights import save_tree
+from robustft.recipes._weights import load_tree, save_tree
 
 __all__ = ["DEFAULT_TARGETS", "attach", "classifier", "factors_of", "spec_of"]
 
@@ -160,6 +160,24 @@ def export(
 def classifier(tree: dict[str, Tensor]) -> dict[str, Tensor]:
     """An exported tree without the factors: the classifier to evaluate and save."""
     return {k: v for k, v in tree.items() if not peft.is_factor(k)}
+
+
+def save_best(run_dir: Path, tree: dict[str, Tensor], config: RunConfig) -> None:
+    """Write the best weights so far as a run writes its final ones: the classifier in
+    ``best.safetensors``, and with ``--peft`` the factors in ``best.peft.safetensors``."""
+    save_tree(run_dir / "best.safetensors", classifier(tree))
+    spec = spec_of(config)
+    if spec is not None:
+        factors = {k: v for k, v in tree.items() if peft.is_factor(k)}
+        save_tree(run_dir / "best.peft.safetensors", factors, metadata=peft.header(spec, factors))
+
+
+def load_best(run_dir: Path, config: RunConfig) -> dict[str, Tensor]:
+    """What :func:`save_best` wrote, as one exported tree again (classifier and factors)."""
+    tree = load_tree(run_dir / "best.safetensors")
+    if spec_of(config) is not None:
+        tree.update(load_tree(run_dir / "best.peft.safetensors"))
+    return tree
 
 
 def save_outputs(
