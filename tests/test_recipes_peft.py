@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import re
 import signal
 import subprocess
@@ -42,11 +41,11 @@ from test_recipes_cli import Tiny, argv, make_tiny, overrides, read_json, run
 from test_recipes_distributed import _close, _run, _setup
 from test_recipes_resume import (
     HANG_AT,
-    SITECUSTOMIZE,
     STEPS,
     _steps_logged,
     _values,
     assert_same_run,
+    hang_env,
 )
 
 from robustft import peft
@@ -303,15 +302,7 @@ def killed(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
     """A real ``python -m robustft finetune --method clip-lora`` (dropout 0.25), SIGKILLed once it
     has checkpointed step 4 and logged step 5 (test_recipes_resume's hook); its run folder."""
     base = tmp_path_factory.mktemp("peft-killed")
-    hooks = base / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "ROBUSTFT_TEST_HANG_AT": str(HANG_AT),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")])),
-    }
+    env = hang_env(base)
     out = base / "clip-lora"
     cmd = [sys.executable, "-m", "robustft", *argv(_values(tiny, out, "clip-lora", lr=1e-3))]
     proc = subprocess.Popen(

@@ -69,20 +69,26 @@ def _steps_logged(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in lines if line.endswith("}")]
 
 
-@pytest.fixture(scope="module")
-def killed(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
-    """One real ``python -m robustft`` process per method, started together, each SIGKILLed once
-    it has checkpointed step 4 and logged step 5; their run folders."""
-    base = tmp_path_factory.mktemp("killed")
+def hang_env(base: Path) -> dict[str, str]:
+    """The environment of a ``python -m robustft`` that hangs at step ``HANG_AT`` (the hook is
+    a ``sitecustomize.py`` written under ``base/hooks``), to be SIGKILLed at a known point."""
     hooks = base / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
-    env = {
+    return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "ROBUSTFT_TEST_HANG_AT": str(HANG_AT),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")])),
     }
+
+
+@pytest.fixture(scope="module")
+def killed(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """One real ``python -m robustft`` process per method, started together, each SIGKILLed once
+    it has checkpointed step 4 and logged step 5; their run folders."""
+    base = tmp_path_factory.mktemp("killed")
+    env = hang_env(base)
     procs: dict[str, tuple[subprocess.Popen[str], Path]] = {}
     try:
         for method in CASES:
