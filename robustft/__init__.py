@@ -9,7 +9,7 @@ Where things live, by mechanism: :mod:`~robustft.losses` (objectives), :mod:`~ro
 finished runs: WiSE-FT, soups), :mod:`~robustft.projections` (constraints *around* the pre-trained
 weights: L2/MARS balls, TPGM), :mod:`~robustft.metrics` and :mod:`~robustft.scores` (evaluation),
 :mod:`~robustft.tree` (parameter-tree arithmetic), :mod:`~robustft.peft` (LoRA and adapters as
-factor trees), :mod:`~robustft.clip` (open_clip models) and
+factor trees), :mod:`~robustft.tta` (test-time adaptation: TPT, C-TPT, TDA), :mod:`~robustft.clip` (open_clip models) and
 :mod:`~robustft.distributed` (collectives). Submodules are imported lazily, on first attribute
 access, so ``import robustft`` stays cheap; type checkers see them through the imports below.
 """
@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # static view of the lazily imported submodules
         projections,
         scores,
         tree,
+        tta,
         typing,
     )
 
@@ -55,6 +56,7 @@ __all__ = [
     "projections",
     "scores",
     "tree",
+    "tta",
     "typing",
 ]
 

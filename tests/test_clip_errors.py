@@ -162,7 +162,8 @@ def test_error(name: str, call: Callable[[], Any], error: type[Exception], messa
 
 
 def test_table_covers_all() -> None:
-    covered = {row[0] for row in TABLE}
+    # DescriptionBank is a result type (a NamedTuple description_bank builds), validated there
+    covered = {row[0] for row in TABLE + DESCRIPTION_TABLE} | {"DescriptionBank"}
     public = {n for n in clip.__all__ if callable(getattr(clip, n))}
     assert public == set(clip.__all__)  # every public name is a callable
     assert public - covered == set(), (
@@ -191,3 +192,65 @@ def test_fsdp_modules_are_rejected() -> None:
     ):
         with pytest.raises(TypeError, match=r"model must be an unsharded module, got an FSDP"):
             call(sharded())
+
+
+# ---------------------------------------------------------------- class-description banks
+
+from robustft.clip._descriptions import (  # noqa: E402
+    description_bank,
+    description_head,
+    load_descriptions,
+)
+
+DESCRIPTION_TABLE: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
+    (
+        "description_head",
+        lambda: description_head(MODEL, TOK, {"cat": "whiskers"}, ["cat", "dog"]),
+        ValueError,
+        r"description_head: descriptions must have a key for every class name; missing classes "
+        r"\['dog'\]",
+    ),
+    (
+        "description_head",
+        lambda: description_head(MODEL, TOK, {"cat": ["whiskers", 1]}, ["cat"]),
+        TypeError,
+        r"description_head: descriptions of class 'cat' must contain only str, got 1 at position 1",
+    ),
+    (
+        "description_bank",
+        lambda: description_bank(MODEL, TOK, {"cat": []}, ["cat"]),
+        ValueError,
+        r"description_bank: descriptions of class 'cat' must hold at least one description",
+    ),
+    (
+        "description_bank",
+        lambda: description_bank(MODEL, TOK, ["whiskers"], ["cat"]),
+        TypeError,
+        r"description_bank: descriptions must be a mapping \{class name: \[description, \.\.\.\]\}",
+    ),
+    (
+        "load_descriptions",
+        lambda: load_descriptions(3, ["cat"]),  # type: ignore[arg-type]
+        TypeError,
+        r"load_descriptions: path must be a str or os\.PathLike, got 3",
+    ),
+    (
+        "load_descriptions",
+        lambda: load_descriptions("cd.json", ["cat"], match="key"),  # type: ignore[arg-type]
+        ValueError,
+        r"load_descriptions: match must be one of 'name', 'index', 'order', got 'key'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "call", "error", "message"),
+    DESCRIPTION_TABLE,
+    ids=[f"{row[0]}-{i}" for i, row in enumerate(DESCRIPTION_TABLE)],
+)
+def test_description_error(
+    name: str, call: Callable[[], Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message) as info:
+        call()
+    assert str(info.value).startswith(f"{name}: ")

@@ -927,7 +927,7 @@ def test_bad_input_raises_naming_function_and_argument(case: Case) -> None:
 
 
 def test_error_table_covers_every_public_function() -> None:
-    assert {c.fn for c in CASES} == set(L.__all__)
+    assert {c.fn for c in CASES + TRACER_CASES} == set(L.__all__)
     assert len({c.id for c in CASES}) == len(CASES)
 
 
@@ -940,16 +940,31 @@ SWAPPED: list[tuple[str, Callable[[], Any]]] = [
     ("feature_distillation", lambda: L.feature_distillation(f, f)),  # type: ignore[misc]
     ("context_distillation", lambda: L.context_distillation(f, f, text)),  # type: ignore[misc]
     ("energy_gap", lambda: L.energy_gap(f, f, text)),  # type: ignore[misc]
+    *[
+        (name, lambda name=name: getattr(L, name)(f, f, f, f))
+        for name in (
+            "contrastive_relational_distillation",
+            "interaction_distillation",
+            "cross_distillation",
+        )
+    ],
 ]
 
 # the reference (frozen, pre-trained, teacher) side of every two-sided function
-REFERENCE_NAMES = {"anchor", "teacher_logits", "reference_features", "context_features"}
+REFERENCE_NAMES = {
+    "anchor",
+    "teacher_logits",
+    "reference_features",
+    "context_features",
+    "teacher_image_features",
+    "teacher_text_features",
+}
 
 
 @pytest.mark.parametrize(("name", "call"), SWAPPED, ids=[s[0] for s in SWAPPED])
 def test_positional_reference_side_is_rejected(name: str, call: Callable[[], Any]) -> None:
     # a swapped (or merely positional) reference would be silently accepted: it must fail
-    with pytest.raises(TypeError, match=rf"{name}\(\) takes 1 positional argument"):
+    with pytest.raises(TypeError, match=rf"{name}\(\) takes \d+ positional arguments? but"):
         call()
 
 
@@ -1131,3 +1146,152 @@ def test_bad_multipositive_arguments_raise_naming_function_and_argument(case: Ca
     with pytest.raises(case.exc, match=case.match) as info:
         case.call()
     assert str(info.value).startswith(f"{case.fn}: ")
+
+
+# ---------------------------------------------------------------- TRACER's distillation views
+# (their teacher side is keyword-only: test_tracer_views_take_the_teacher_and_hyper_parameters_by_keyword)
+
+from robustft.losses import _relational as R  # noqa: E402
+
+_T = {"teacher_image_features": f, "teacher_text_features": f}
+
+TRACER_CASES: list[Case] = [
+    Case(
+        "crd teacher batch",
+        "contrastive_relational_distillation",
+        lambda: R.contrastive_relational_distillation(
+            f, f, teacher_image_features=f, teacher_text_features=f5
+        ),
+        ValueError,
+        r"contrastive_relational_distillation: teacher_text_features.shape\[0\] must equal "
+        r"text_features.shape\[0\], got teacher_text_features of shape \(5, 3\)",
+    ),
+    Case(
+        "crd modality width",
+        "contrastive_relational_distillation",
+        lambda: R.contrastive_relational_distillation(f, torch.randn(4, 2), **_T),
+        ValueError,
+        r"contrastive_relational_distillation: image_features.shape\[1\] must equal "
+        r"text_features.shape\[1\]",
+    ),
+    Case(
+        "crd teacher scale zero",
+        "contrastive_relational_distillation",
+        lambda: R.contrastive_relational_distillation(f, f, **_T, teacher_logit_scale=0.0),
+        ValueError,
+        rf"contrastive_relational_distillation: teacher_logit_scale must be in {POS}, got 0.0",
+    ),
+    Case(
+        "crd teacher scale bool",
+        "contrastive_relational_distillation",
+        lambda: R.contrastive_relational_distillation(f, f, **_T, teacher_logit_scale=True),
+        TypeError,
+        r"contrastive_relational_distillation: teacher_logit_scale must be a real number or a "
+        r"0-d floating tensor, got True",
+    ),
+    Case(
+        "crd scale nan",
+        "contrastive_relational_distillation",
+        lambda: R.contrastive_relational_distillation(f, f, **_T, logit_scale=float("nan")),
+        ValueError,
+        r"contrastive_relational_distillation: logit_scale must not be NaN",
+    ),
+    Case(
+        "crd group",
+        "contrastive_relational_distillation",
+        lambda: R.contrastive_relational_distillation(f, f, **_T, group="world"),
+        TypeError,
+        r"contrastive_relational_distillation: group must be a torch.distributed ProcessGroup "
+        r"or None, got 'world'",
+    ),
+    Case(
+        "icl teacher rank",
+        "interaction_distillation",
+        lambda: R.interaction_distillation(
+            f, f, teacher_image_features=f[0], teacher_text_features=f
+        ),
+        ValueError,
+        r"interaction_distillation: teacher_image_features must have 2 dimension\(s\), got shape "
+        r"\(3,\)",
+    ),
+    Case(
+        "icl integer student",
+        "interaction_distillation",
+        lambda: R.interaction_distillation(i_feat, f, **_T),
+        TypeError,
+        r"interaction_distillation: image_features must be a floating-point tensor, got dtype "
+        r"torch.int64",
+    ),
+    Case(
+        "icl scale inf",
+        "interaction_distillation",
+        lambda: R.interaction_distillation(f, f, **_T, logit_scale=INF),
+        ValueError,
+        rf"interaction_distillation: logit_scale must be a finite number in {POS}, got inf",
+    ),
+    Case(
+        "icl group",
+        "interaction_distillation",
+        lambda: R.interaction_distillation(f, f, **_T, group=3),
+        TypeError,
+        r"interaction_distillation: group must be a torch.distributed ProcessGroup or None, got 3",
+    ),
+    Case(
+        "cross integer teacher",
+        "cross_distillation",
+        lambda: R.cross_distillation(f, f, teacher_image_features=i_feat, teacher_text_features=f),
+        TypeError,
+        r"cross_distillation: teacher_image_features must be a floating-point tensor, got dtype "
+        r"torch.int64",
+    ),
+    Case(
+        "cross no feature axis",
+        "cross_distillation",
+        lambda: R.cross_distillation(
+            f_nodim, f_nodim, teacher_image_features=f_nodim, teacher_text_features=f_nodim
+        ),
+        ValueError,
+        r"cross_distillation: image_features must have a non-empty feature axis \(dim 1\), got "
+        r"shape \(4, 0\)",
+    ),
+    Case(
+        "cross teacher scale tensor",
+        "cross_distillation",
+        lambda: R.cross_distillation(f, f, **_T, teacher_logit_scale=torch.ones(2)),
+        TypeError,
+        r"cross_distillation: teacher_logit_scale must be a real number or a 0-d floating "
+        r"tensor, got Tensor\(shape=\(2,\)",
+    ),
+    Case(
+        "cross teacher scale negative",
+        "cross_distillation",
+        lambda: R.cross_distillation(f, f, **_T, teacher_logit_scale=np.float32(-2.0)),
+        ValueError,
+        rf"cross_distillation: teacher_logit_scale must be in {POS}, got np.float32\(-2.0\)",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", TRACER_CASES, ids=[c.id for c in TRACER_CASES])
+def test_bad_tracer_view_arguments_raise_naming_function_and_argument(case: Case) -> None:
+    with pytest.raises(case.exc, match=case.match) as info:
+        case.call()
+    assert str(info.value).startswith(f"{case.fn}: ")
+
+
+def test_tracer_cases_cover_every_view() -> None:
+    assert {c.fn for c in TRACER_CASES} == set(R.__all__)
+    assert len({c.id for c in TRACER_CASES}) == len(TRACER_CASES)
+
+
+@pytest.mark.parametrize("name", R.__all__)
+def test_tracer_views_take_the_teacher_and_hyper_parameters_by_keyword(name: str) -> None:
+    fn = getattr(R, name)
+    with pytest.raises(TypeError, match=rf"{name}\(\) takes 2 positional arguments but 4"):
+        fn(f, f, f, f)  # a positional (possibly swapped) teacher would pass silently
+    for p in inspect.signature(fn).parameters.values():
+        if p.name.startswith("teacher_") or p.default is not inspect.Parameter.empty:
+            assert p.kind is inspect.Parameter.KEYWORD_ONLY, (name, p.name)
+    if name == "interaction_distillation":  # ICL scores with the student's scale only
+        with pytest.raises(TypeError, match="unexpected keyword argument 'teacher_logit_scale'"):
+            fn(f, f, **_T, teacher_logit_scale=1.0)

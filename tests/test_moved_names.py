@@ -105,6 +105,19 @@ POSITIONAL: list[tuple[str, Callable[[], Any], str]] = [
         lambda: losses.context_distillation(F_, F_, F_),
         "context_distillation(features, reference_features=..., context_features=...)",
     ),
+    *[
+        (
+            name,
+            lambda name=name: getattr(losses, name)(F_, F_, F_, F_),
+            f"{name}(image_features, text_features, teacher_image_features=..., "
+            "teacher_text_features=...)",
+        )
+        for name in (
+            "contrastive_relational_distillation",
+            "interaction_distillation",
+            "cross_distillation",
+        )
+    ],
     (
         "losses.energy_gap",
         lambda: losses.energy_gap(F_, F_, F_),

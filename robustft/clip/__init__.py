@@ -13,6 +13,12 @@ from typing import TYPE_CHECKING
 
 from robustft._checks import moved_names
 from robustft.clip._context import encode_text_with_context, init_context
+from robustft.clip._descriptions import (
+    DescriptionBank,
+    description_bank,
+    description_head,
+    load_descriptions,
+)
 from robustft.clip._forward import frozen_copy_features, image_features, text_features
 from robustft.clip._heads import context_prototypes, zero_shot_head
 from robustft.clip._params import norm_affine_names, text_names, visual_names
@@ -20,12 +26,16 @@ from robustft.clip._random_text import RandomTextBank, random_text_tokens, token
 from robustft.clip._scale import logit_scale
 
 __all__ = [
+    "DescriptionBank",
     "RandomTextBank",
     "context_prototypes",
+    "description_bank",
+    "description_head",
     "encode_text_with_context",
     "frozen_copy_features",
     "image_features",
     "init_context",
+    "load_descriptions",
     "logit_scale",
     "norm_affine_names",
     "random_text_tokens",

@@ -26,15 +26,23 @@ from robustft.losses._entropy import entropy, ueo, ueo_confidence
 from robustft.losses._l2sp import l2sp
 from robustft.losses._margin import margin_metric_logits, margin_metric_softmax, text_distances
 from robustft.losses._orthogonality import orthogonality
+from robustft.losses._relational import (
+    contrastive_relational_distillation,
+    cross_distillation,
+    interaction_distillation,
+)
 from robustft.losses._sigmoid import sigmoid_contrastive
 
 __all__ = [
     "clip_contrastive",
     "context_distillation",
+    "contrastive_relational_distillation",
+    "cross_distillation",
     "distillation",
     "energy_gap",
     "entropy",
     "feature_distillation",
+    "interaction_distillation",
     "l2sp",
     "margin_metric_logits",
     "margin_metric_softmax",
@@ -47,6 +55,15 @@ __all__ = [
 
 keyword_hints(
     globals(),
-    ["context_distillation", "distillation", "energy_gap", "feature_distillation", "l2sp"],
+    [
+        "context_distillation",
+        "contrastive_relational_distillation",
+        "cross_distillation",
+        "distillation",
+        "energy_gap",
+        "feature_distillation",
+        "interaction_distillation",
+        "l2sp",
+    ],
     renamed={"distillation": {"student_logits": "was renamed logits="}},
 )
