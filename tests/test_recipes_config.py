@@ -261,6 +261,8 @@ GOOD: list[tuple[dict[str, Any], str, Any]] = [
     ({"collective_timeout": 30}, "collective_timeout", 30.0),
     ({"nonfinite": "skip"}, "nonfinite", "skip"),
     ({"label_smoothing": 0.1}, "label_smoothing", 0.1),
+    ({"descriptions": __file__}, "descriptions", __file__),
+    ({"descriptions": __file__, "descriptions_match": "order"}, "descriptions_match", "order"),
     ({"peft": "lora"}, "peft", "lora"),
     ({"peft": "lora", "peft_rank": 4}, "peft_rank", 4),
     ({"peft": "adapter", "peft_rank": 0}, "peft_rank", 0),
@@ -395,6 +397,8 @@ BAD: list[tuple[str, Any, type[Exception], str]] = [
     ("tpr", 0.0, ValueError, "a number in (0, 1]"),
     ("tpr", 1.01, ValueError, "a number in (0, 1]"),
     ("label_smoothing", 1.0, ValueError, _FRAC),
+    ("descriptions", 3, TypeError, "an existing text file (a JSON object of class descriptions)"),
+    ("descriptions", "", ValueError, "an existing text file (a JSON object of class descriptions)"),
     ("peft_rank", -1, ValueError, _INT0),
     ("peft_rank", 2.5, TypeError, _INT0),
     ("peft_alpha", 0, ValueError, _POS),
@@ -455,6 +459,7 @@ BAD: list[tuple[str, Any, type[Exception], str]] = [
             ("nonfinite", "stop, skip", "ignore"),
             ("peft", "none, lora, adapter", "qlora"),
             ("peft_scaling", "rank, sqrt_rank", "log"),
+            ("descriptions_match", "name, index, order", "position"),
             ("score", "msp, mcm, energy, max_logit", "odin"),
             ("score", "msp, mcm, energy, max_logit", ["msp"]),
         )
@@ -794,7 +799,8 @@ def valid_overrides(draw: Callable[[Any], Any]) -> dict[str, Any]:
         **{
             k: st.sampled_from(v)
             for k, v in choices.items()
-            if k not in ("method", "peft", "peft_scaling")  # peft: drawn together, below
+            # peft: drawn together, below; descriptions_match needs a --descriptions file
+            if k not in ("method", "peft", "peft_scaling", "descriptions_match")
         },
         "label_smoothing": frac,
         **{k: _text for k in ("model", "pretrained", "train", "val", "classnames", "output")},

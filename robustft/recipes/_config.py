@@ -123,6 +123,17 @@ class RunConfig:
         "zero-shot head prompts: openai (CLIP's 80 templates), simple (1), or a text file of "
         "templates, one per line, each with one {} for the class name",
     )
+    descriptions: str | None = _f(
+        None,
+        "class descriptions, a JSON file {class: [description, ...]} (CuPL / DRM layout): the "
+        "zero-shot head averages each class's descriptions instead of the templates",
+    )
+    descriptions_match: str = _f(
+        "name",
+        "how --descriptions' entries find their classes: name (keys are class names), index "
+        "(keys '0'..'C-1') or order (the file's order, as DRM reads its files)",
+        choices=("name", "index", "order"),
+    )
     skip_bad_images: bool = _f(
         False,
         "skip images that cannot be decoded (reported with their count) instead of stopping",
@@ -519,6 +530,16 @@ def _check_together(fn: str, c: Mapping[str, Any]) -> None:
             f"{c['batch_size']} and --accumulation {c['accumulation']}"
         )
     _check_peft(fn, c)
+    if c["descriptions"] is not None and c["method"] in UNSUPERVISED:
+        raise ValueError(
+            f"{fn}: {flag_of('descriptions')} builds a head from class descriptions, but "
+            f"{c['method']}'s head is its learned prompt's (UEO); leave the flag out"
+        )
+    if c["descriptions"] is None and c["descriptions_match"] != "name":
+        raise ValueError(
+            f"{fn}: {flag_of('descriptions_match')} is {c['descriptions_match']}, but no "
+            "--descriptions file is given; add it or leave the flag out"
+        )
     owner: dict[str, str] = {}
     for key in NAMED_SETS:
         for name in c[key]:

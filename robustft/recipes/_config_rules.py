@@ -315,6 +315,8 @@ def field_rules(
         "classnames": _text(),
         "eval_classes": choice_of("eval_classes"),
         "templates": _templates,
+        "descriptions": _text_file("a JSON object of class descriptions"),
+        "descriptions_match": choice_of("descriptions_match"),
         "skip_bad_images": _boolean,
         "image_mean": _channels(positive=False),
         "image_std": _channels(positive=True),

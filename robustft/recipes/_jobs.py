@@ -166,6 +166,7 @@ def _finetune(
         config,
         confidence,
         rt.group,
+        prep.cache["descriptions"],
     )
     method = build(ctx)
     validate = None

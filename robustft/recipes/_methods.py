@@ -74,6 +74,8 @@ class Context(NamedTuple):
         config: the resolved run configuration.
         confidence: ``[train size]`` UEO's per-sample zero-shot confidence (unsupervised only).
         group: the process group of the run (``None`` on one process).
+        descriptions: the class descriptions of ``--descriptions`` (``None``: the templates');
+            a method that rebuilds its head from the text tower uses them too.
     """
 
     model: nn.Module
@@ -85,6 +87,7 @@ class Context(NamedTuple):
     config: RunConfig
     confidence: Tensor | None = None
     group: Any = None
+    descriptions: Mapping[str, Sequence[str]] | None = None
 
 
 class Method(NamedTuple):
@@ -366,10 +369,12 @@ def _contrastive(ctx: Context, *, multi_positive: bool) -> Method:
         )
 
     def export(net: nn.Module) -> dict[str, Tensor]:
-        with torch.no_grad():  # the text tower through the module's forward: FSDP2 unshards it
-            head = clip.zero_shot_head(
-                _TextThrough(net), ctx.tokenizer, ctx.classnames, ctx.templates
-            )
+        text = _TextThrough(net)  # the text tower through the module's forward: FSDP2 unshards it
+        with torch.no_grad():
+            if ctx.descriptions is None:
+                head = clip.zero_shot_head(text, ctx.tokenizer, ctx.classnames, ctx.templates)
+            else:
+                head = clip.description_head(text, ctx.tokenizer, ctx.descriptions, ctx.classnames)
         return {**_visual_tree(visual_tower(unwrap(net).get_submodule("model"))), "head": head}
 
     return Method(module, loss, export)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -244,8 +244,12 @@ def prepare(
             f"--image-mean/--image-std to the checkpoint's own"
         )
     templates = templates_of(config.templates)
+    descriptions = descriptions_of(config, data.names)
     with torch.no_grad():
-        head = clip.zero_shot_head(bundle.model, bundle.tokenizer, data.names, templates)
+        if descriptions is None:
+            head = clip.zero_shot_head(bundle.model, bundle.tokenizer, data.names, templates)
+        else:
+            head = clip.description_head(bundle.model, bundle.tokenizer, descriptions, data.names)
     scale = float(clip.logit_scale(bundle.model).detach())
     score = config.score or "msp"
     evaluator = Evaluator(
@@ -259,14 +263,41 @@ def prepare(
     facts = {
         "classes": [[f, n] for f, n in zip(data.folders, data.names, strict=True)],
         "templates": template_texts(templates),
+        **(
+            {}
+            if descriptions is None
+            else {"descriptions": {k: list(v) for k, v in descriptions.items()}}
+        ),
         "preprocess": bundle.preprocess,
         "data": data.facts,
     }
     prep = Prepared(runtime, bundle, data, templates, head, scale, evaluator, facts, {})
+    prep.cache["descriptions"] = descriptions
     vocabulary = held_out_vocabulary(prep, config)  # read once, here: a bad file fails early
     if vocabulary is not None:  # recorded, so a resumed or evaluated run sees an edited file
         facts["lipsum_vocabulary"] = vocabulary.tolist()
     return prep
+
+
+def descriptions_of(
+    config: RunConfig, classnames: Sequence[str]
+) -> dict[str, tuple[str, ...]] | None:
+    """The class descriptions of ``--descriptions`` for ``classnames`` (``None`` without it).
+
+    Raises:
+        ValueError: a file that is not a JSON object of descriptions for every class; the message
+            names the flag.
+    """
+    if config.descriptions is None:
+        return None
+    try:
+        return clip.load_descriptions(
+            Path(config.descriptions).expanduser(),
+            list(classnames),
+            match=cast(Literal["name", "index", "order"], config.descriptions_match),
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--descriptions {config.descriptions!r}: {err}") from None
 
 
 def held_out_vocabulary(prep: Prepared, config: RunConfig) -> Tensor | None:

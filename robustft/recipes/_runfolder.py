@@ -406,7 +406,8 @@ def check_record(
 ) -> None:
     """Refuse when what a command is about to read differs from what the run recorded.
 
-    Compares the classes (folder and name, in label order), the templates, Lipsum-FT's
+    Compares the classes (folder and name, in label order), the templates, the class
+    descriptions (``--descriptions``), Lipsum-FT's
     vocabulary (the token ids of ``--lipsum-vocabulary``), the image normalisation and, for
     each of ``sets`` (``"train"``, ``"val"``), the images (count and
     fingerprint). Records written before a fact existed are not checked on it.
@@ -423,6 +424,17 @@ def check_record(
         problems.append(
             f"the prompt templates differ ({len(recorded['templates'])} recorded, "
             f"{len(current['templates'])} now)"
+        )
+    if recorded.get("descriptions") != current.get("descriptions") and (
+        "descriptions" in recorded or current.get("descriptions") is not None
+    ):
+        then, now = recorded.get("descriptions"), current.get("descriptions")
+        problems.append(
+            "the class descriptions differ ("
+            + ("none" if then is None else f"{sum(map(len, then.values()))}")
+            + " recorded, "
+            + ("none" if now is None else f"{sum(map(len, now.values()))}")
+            + " now)"
         )
     if "lipsum_vocabulary" in recorded and recorded["lipsum_vocabulary"] != current.get(
         "lipsum_vocabulary"
@@ -459,7 +471,8 @@ def check_record(
 
 
 PATH_FIELDS = (
-    "train", "val", "classnames", "model", "pretrained", "templates", "lipsum_vocabulary", "output"
+    "train", "val", "classnames", "model", "pretrained", "templates", "descriptions",
+    "lipsum_vocabulary", "output",
 )  # fmt: skip
 """The configuration fields that may hold a path (besides the named sets)."""
 
