@@ -261,6 +261,8 @@ GOOD: list[tuple[dict[str, Any], str, Any]] = [
     ({"collective_timeout": 30}, "collective_timeout", 30.0),
     ({"nonfinite": "skip"}, "nonfinite", "skip"),
     ({"label_smoothing": 0.1}, "label_smoothing", 0.1),
+    ({"method": "tracer", "cross_norm": 0}, "cross_norm", 0.0),
+    ({"method": "tracer", "cross_norm": 0.1}, "cross_norm", 0.1),
     ({"descriptions": __file__}, "descriptions", __file__),
     ({"descriptions": __file__, "descriptions_match": "order"}, "descriptions_match", "order"),
     ({"peft": "lora"}, "peft", "lora"),
@@ -397,6 +399,7 @@ BAD: list[tuple[str, Any, type[Exception], str]] = [
     ("tpr", 0.0, ValueError, "a number in (0, 1]"),
     ("tpr", 1.01, ValueError, "a number in (0, 1]"),
     ("label_smoothing", 1.0, ValueError, _FRAC),
+    ("cross_norm", -0.1, ValueError, _NONNEG),
     ("descriptions", 3, TypeError, "an existing text file (a JSON object of class descriptions)"),
     ("descriptions", "", ValueError, "an existing text file (a JSON object of class descriptions)"),
     ("peft_rank", -1, ValueError, _INT0),
@@ -831,6 +834,10 @@ def valid_overrides(draw: Callable[[Any], Any]) -> dict[str, Any]:
     for key, strategy in strategies.items():
         if draw(st.booleans()):
             d[key] = draw(strategy)
+    if method == "tracer":  # its teacher is the BMA; cross_norm is its own
+        d.pop("average", None)
+        if draw(st.booleans()):
+            d["cross_norm"] = draw(nonneg)
     # --peft and its settings (the settings of one kind only, the kind a method fixes)
     kind = {"r-adapter": "adapter", "clip-lora": "lora"}.get(method) or draw(
         st.sampled_from(["none", "lora", "adapter"])

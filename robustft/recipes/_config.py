@@ -42,7 +42,7 @@ __all__ = [
 
 SUPERVISED = (
     "ft", "lp-ft", "l2sp", "kd", "car-ft", "feature-kd", "flyp", "lipsum", "clipood", "r-adapter",
-    "clip-lora",
+    "clip-lora", "tracer",
 )  # fmt: skip
 UNSUPERVISED = ("ueo", "entropy", "im")
 METHODS = SUPERVISED + UNSUPERVISED
@@ -177,6 +177,11 @@ class RunConfig:
         0.3,
         "CLIPood: margin λ of the margin metric softmax; r-adapter: MPM-NCE's margin δ on the "
         "negatives' cosines (0.05)",
+    )
+    cross_norm: float = _f(
+        0.0,
+        "tracer: weight c of the Frobenius norm of the two towers' projections' product, "
+        "c·||W_v W_t^T||_F (TRACER's scripts: 0.05)",
     )
     label_smoothing: float = _f(
         0.0, "r-adapter: MPM-NCE's label smoothing ε of the soft multi-positive targets"
@@ -341,6 +346,20 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
         "peft_dropout": 0.25,
         "peft_qkv": "q,k,v",
         "peft_targets": "*attn.in_proj_weight",
+    },
+    # TRACER (ICML'26, code HesamAsad/TRACER, example_scripts/tracer_beta.sh and src/args.py):
+    # FLYP's loss on both towers + distil_coef 0.9 × the four views against the Beta(½, ½)
+    # trajectory average updated every step; AdamW lr 1e-5, wd 0.1, batch 512, 500 warm-up steps
+    # (2 % of its 10 ImageNet epochs), cosine, no gradient clipping, cross_fnorm 0.05
+    "tracer": {
+        **{k: v for k, v in _FT.items() if k != "steps"},
+        "epochs": 10.0,
+        "batch_size": 512,
+        "warmup": 0.02,
+        "average": "bma",
+        "bma_beta": 0.5,
+        "reg_weight": 0.9,
+        "cross_norm": 0.05,
     },
     "ueo": _UEO,
     "entropy": {**_UEO, "trade_off": 0.0},  # entropy minimisation: no marginal term
@@ -530,6 +549,16 @@ def _check_together(fn: str, c: Mapping[str, Any]) -> None:
             f"{c['batch_size']} and --accumulation {c['accumulation']}"
         )
     _check_peft(fn, c)
+    if c["method"] == "tracer" and c["average"] != "bma":
+        raise ValueError(
+            f"{fn}: method tracer's teacher is the trajectory's Beta average: {flag_of('average')} "
+            f"must be bma, got {c['average']}"
+        )
+    if c["cross_norm"] and c["method"] != "tracer":
+        raise ValueError(
+            f"{fn}: {flag_of('cross_norm')} is TRACER's projection penalty, got "
+            f"{c['cross_norm']:g} for method {c['method']}; leave it out"
+        )
     if c["descriptions"] is not None and c["method"] in UNSUPERVISED:
         raise ValueError(
             f"{fn}: {flag_of('descriptions')} builds a head from class descriptions, but "

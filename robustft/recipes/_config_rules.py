@@ -338,6 +338,7 @@ def field_rules(
         "ema_decay": _number(lambda x: 0 <= x <= 1, "a number in [0, 1]"),
         "bma_beta": _POSITIVE,
         "margin": _NON_NEGATIVE,
+        "cross_norm": _NON_NEGATIVE,
         "label_smoothing": _FRACTION,
         "reg_weight": _NON_NEGATIVE,
         "temperature": _POSITIVE,

@@ -355,6 +355,8 @@ def _train(
     # backward): looked up once, not per step (~0.3 ms of module walking)
     trained = trained_tree(net)
     state = averager.init(trained) if averager is not None else None
+    if method.on_average is not None and state is not None:  # TRACER's teacher
+        method.on_average(state.average)
     start, best_score = 0, -math.inf
     best: dict[str, Tensor] | None = None
     history: list[dict[str, Any]] = []
@@ -365,6 +367,8 @@ def _train(
     if resume and run_dir is not None:
         loaded = ckpt.load(run_dir, net, optimizer, state, runtime)
         start, best_score, saved = loaded.step, loaded.best_score, loaded.step
+        if method.on_average is not None and state is not None:
+            method.on_average(state.average)
         if config.select == "best" and (run_dir / "best.safetensors").exists():
             best = _peft.load_best(run_dir, config)
         history = ckpt.trim_metrics(run_dir, start) if runtime.main else []
@@ -475,6 +479,8 @@ def _train(
                 optimizer.step()
                 if averager is not None and state is not None:
                     state = averager.update_(state, trained)
+                    if method.on_average is not None:
+                        method.on_average(state.average)
                 running += step_loss
             optimizer.zero_grad(set_to_none=True)
             step += 1

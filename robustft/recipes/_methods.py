@@ -50,6 +50,8 @@ __all__ = [
 ]
 
 DDP_ONLY = {
+    "tracer": "its teacher runs the trajectory average through the module outside its forward, "
+    "where FSDP2 holds only shards",
     "l2sp": "its penalty reads the parameters outside the module's forward, where FSDP2 holds "
     "only shards",
     "flyp": "it trains CLIP's 0-d logit scale, which fully_shard cannot shard",
@@ -100,6 +102,9 @@ class Method(NamedTuple):
             trained parameters define (full tensors), for evaluation and saving.
         teacher: the frozen zero-shot model, if the loss uses it (the runtime places it).
         ddp_only: why the method cannot run under FSDP2 (:data:`DDP_ONLY`), or ``None``.
+        on_average: called by the loop with the trajectory average's tree (keyed like the
+            trained tree) once it exists and after every update: TRACER's teacher is that
+            average (``--average bma``), so it is checkpointed and resumed with the run.
     """
 
     module: nn.Module
@@ -107,6 +112,7 @@ class Method(NamedTuple):
     export: Callable[[nn.Module], dict[str, Tensor]]
     teacher: nn.Module | None = None
     ddp_only: str | None = None
+    on_average: Callable[[Mapping[str, Tensor]], None] | None = None
 
 
 def trained_tree(module: nn.Module) -> dict[str, Tensor]:
@@ -401,6 +407,100 @@ def _r_adapter(ctx: Context) -> Method:
     return _contrastive(ctx, multi_positive=True)
 
 
+TRACER_VIEWS = {"crd": 1.0, "fd": 2000.0, "icl": 1.0, "cross": 1.0}
+"""TRACER's view weights (``alpha_crd``, ``alpha_fd``, ``alpha_icl``, ``alpha_cross_kd`` of its
+ImageNet scripts, e.g. ``example_scripts/tracer_beta.sh``); ``fd`` multiplies the per-entry MSE
+of the normalised features, :func:`robustft.losses.feature_distillation` / dim per tower."""
+
+
+def _tracer(ctx: Context) -> Method:
+    r"""TRACER: FLYP's contrastive loss plus self-distillation from the trajectory's BMA.
+
+    .. math::
+
+        L = L_{\text{CLIP}}(\hat f, \hat g; s) + \lambda\big(
+            \alpha_{crd}\,\text{CRD} + \alpha_{fd}\,\text{FD} + \alpha_{icl}\,\text{ICL}
+            + \alpha_{cross}\,\text{CrossKD}\big)
+
+    with the teacher features :math:`\hat f^T, \hat g^T` and scale :math:`s^T` from the model
+    under the Beta(½, ½) trajectory average (``--average bma --bma-beta 0.5``: the loop's own
+    average, updated after every optimiser step, so the teacher at step :math:`t` averages
+    :math:`\theta_0 \ldots \theta_t` as the authors' ``GeneralMovingAverage``), run without
+    gradient on the same batch; :math:`\lambda` is ``reg_weight`` (their ``distil_coef``), the
+    α's :data:`TRACER_VIEWS`; FD is :func:`robustft.losses.feature_distillation` of each tower
+    divided by the feature dimension (their mean-squared error). With ``cross_norm`` > 0 the
+    loss also has their :math:`c\,\lVert W_v W_t^\top\rVert_F` on the two projections.
+    """
+    if ctx.config.average != "bma":
+        raise ValueError(
+            f"build: method tracer's teacher is the trajectory's BMA: --average must be bma, got "
+            f"{ctx.config.average}"
+        )
+    module = ContrastiveCLIP(ctx.model)
+    templates = check_templates("tracer", ctx.templates)
+    captions = torch.stack([ctx.tokenizer([t(c) for c in ctx.classnames]) for t in templates])
+    seed, group, config = ctx.config.seed, ctx.group, ctx.config
+    weight = config.reg_weight if config.reg_weight is not None else 0.0
+    holder: dict[str, Mapping[str, Tensor]] = {}
+    w = TRACER_VIEWS
+
+    def on_average(average: Mapping[str, Tensor]) -> None:
+        holder["average"] = average
+
+    def loss(net: nn.Module, batch: Batch, step: int) -> Tensor:
+        images, labels, indices = batch
+        which = (indices * 2654435761 + step * 40503 + seed) % len(templates)
+        tokens = captions.to(images.device)[which, labels]
+        f, t, scale = net(images, tokens)
+        f, t = f.float(), t.float()
+        total = losses.clip_contrastive(f, t, logit_scale=scale, group=group)
+        inner = unwrap(net)
+        if config.cross_norm:
+            visual = visual_tower(inner.get_submodule("model"))
+            proj = inner.get_parameter("model.text_projection")
+            total = total + config.cross_norm * torch.linalg.matrix_norm(
+                visual.get_parameter("proj").float() @ proj.float().T
+            )
+        if not weight or "average" not in holder:
+            return total
+        with torch.no_grad():  # the teacher: the module under the trajectory average
+            f0, t0, scale0 = torch.func.functional_call(
+                inner, dict(holder["average"]), (images, tokens), strict=False
+            )
+        teacher = {
+            "teacher_image_features": f0.float(),
+            "teacher_text_features": t0.float(),
+        }
+        dim = f.shape[-1]
+        views = (
+            w["crd"] * losses.contrastive_relational_distillation(
+                f, t, **teacher, logit_scale=scale, teacher_logit_scale=scale0, group=group
+            )
+            + w["fd"] / dim * (
+                losses.feature_distillation(f, reference_features=f0.float())
+                + losses.feature_distillation(t, reference_features=t0.float())
+            )
+            + w["icl"] * losses.interaction_distillation(
+                f, t, **teacher, logit_scale=scale, group=group
+            )
+            + w["cross"] * losses.cross_distillation(
+                f, t, **teacher, logit_scale=scale, teacher_logit_scale=scale0, group=group
+            )
+        )  # fmt: skip
+        return total + weight * views
+
+    def export(net: nn.Module) -> dict[str, Tensor]:
+        text = _TextThrough(net)
+        with torch.no_grad():
+            if ctx.descriptions is None:
+                head = clip.zero_shot_head(text, ctx.tokenizer, ctx.classnames, ctx.templates)
+            else:
+                head = clip.description_head(text, ctx.tokenizer, ctx.descriptions, ctx.classnames)
+        return {**_visual_tree(visual_tower(unwrap(net).get_submodule("model"))), "head": head}
+
+    return Method(module, loss, export, on_average=on_average)
+
+
 def _clip_lora(ctx: Context) -> Method:
     r"""CLIP-LoRA: cross-entropy on :math:`s\,\hat f\,\hat T^\top`, the class prompts
     (``"{prompt} {class}."``, one per class: its code's ``template[0]``) encoded through the
@@ -458,6 +558,7 @@ BUILDERS: dict[str, Callable[[Context], Method]] = {
     "clipood": _clipood,
     "r-adapter": _r_adapter,
     "clip-lora": _clip_lora,
+    "tracer": _tracer,
     "ueo": _unsupervised,
     "entropy": _unsupervised,
     "im": _unsupervised,
