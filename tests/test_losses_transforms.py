@@ -139,6 +139,26 @@ LOSSES: dict[str, Spec] = {
     "orthogonality_frobenius": Spec(
         "orthogonality", lambda x, i: L.orthogonality(x, squared=False), "f", False
     ),
+    # TRACER's views: the student's image features differentiated, texts and teacher fixed
+    **{
+        name: Spec(
+            name,
+            lambda x, i, name=name: getattr(L, name)(
+                x,
+                i["f0"],
+                teacher_image_features=i["f0"].flip(0),
+                teacher_text_features=i["f"].detach(),
+                logit_scale=10.0,
+            ),
+            "f",
+            False,
+        )
+        for name in (
+            "contrastive_relational_distillation",
+            "interaction_distillation",
+            "cross_distillation",
+        )
+    },
 }
 PER_SAMPLE = [k for k, spec in LOSSES.items() if spec.per_sample]
 
