@@ -1,6 +1,6 @@
 """Recipes: every method end to end on open_clip models and image folders, from one command.
 
-``robustft finetune|ueo|posthoc|evaluate`` (or ``python -m robustft``) runs the jobs below; under
+``robustft finetune|ueo|posthoc|evaluate|tta`` (or ``python -m robustft``) runs the jobs below; under
 ``torchrun`` the same command runs with DDP or FSDP2. The building blocks are public for users
 who want the loop without the command line: :func:`train` is the one training loop (the demo runs
 it too), :func:`build` turns a configuration into a method (trained module + loss), and
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from robustft.recipes._runfolder import RunError
     from robustft.recipes._runtime import Runtime
     from robustft.recipes._stopping import Interrupted, NonFiniteLoss
+    from robustft.recipes._tta import TtaConfig, resolve_tta, run_tta
 
 _HOMES = {
     "_config": ("AVERAGES", "METHODS", "METHOD_DEFAULTS", "SCORES", "RunConfig",
@@ -49,6 +50,7 @@ _HOMES = {
     "_model": ("ClipBundle", "SavedModel", "load_model", "save_model"),
     "_runtime": ("Runtime",),
     "_stopping": ("Interrupted", "NonFiniteLoss"),
+    "_tta": ("TtaConfig", "resolve_tta", "run_tta"),
 }  # fmt: skip
 _HOME = {name: module for module, names in _HOMES.items() for name in names}
 
@@ -71,6 +73,7 @@ __all__ = [
     "Runtime",
     "SavedModel",
     "TrainResult",
+    "TtaConfig",
     "build",
     "class_names",
     "evaluate_run",
@@ -83,6 +86,8 @@ __all__ = [
     "plan",
     "posthoc",
     "resolve",
+    "resolve_tta",
+    "run_tta",
     "save_model",
     "threshold_at_tpr",
     "train",

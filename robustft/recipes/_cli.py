@@ -34,11 +34,17 @@ examples:
       --eval clipart=office-home/Clipart --output runs/ueo
   robustft posthoc wise --runs runs/ft --output runs/wise
   robustft evaluate --run runs/clipood --weights average --eval sketch=imagenet-sketch
+  robustft tta --method tpt --model ViT-B-16 --pretrained openai \\
+      --classnames imagenet_classes.txt --eval imagenet-a=imagenet-a --output runs/tpt
 """
 
 
-def _add_config_flags(p: argparse.ArgumentParser, methods: Sequence[str]) -> None:
+def _add_config_flags(
+    p: argparse.ArgumentParser, methods: Sequence[str], only: Sequence[str] | None = None
+) -> None:
     for f in dataclasses.fields(RunConfig):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         kind = str(f.type)
@@ -176,6 +182,18 @@ def parser() -> argparse.ArgumentParser:
     )
     _add_eval_flags(ev)
     _add_job_flags(ev)
+    from robustft.recipes import _tta
+
+    tta = sub.add_parser(
+        "tta",
+        help="test-time adaptation of the zero-shot model on evaluation sets ("
+        + ", ".join(_tta.TTA_METHODS)
+        + ")",
+        description="Test-time adaptation (TPT, C-TPT, TDA) of the zero-shot model, episodic or "
+        "online, with the zero-shot baseline; results as every job writes them.",
+    )
+    _add_config_flags(tta, _tta.TTA_METHODS, only=_tta.FLAG_FIELDS)
+    _tta.add_arguments(tta)
     return top
 
 
@@ -339,6 +357,12 @@ def _run(args: argparse.Namespace) -> int:
         family = SUPERVISED if args.command == "finetune" else UNSUPERVISED
         config, resume = _config_from(args, family)
         _jobs.main_finetune(config, resume=resume, overwrite=args.overwrite, debug=args.debug)
+        return 0
+    if args.command == "tta":
+        from robustft.recipes import _tta
+
+        tta_config, resume = _tta.config_from(args)
+        _tta.main_tta(tta_config, resume=resume, overwrite=args.overwrite, debug=args.debug)
         return 0
     if args.command == "posthoc":
         config = resolve(_saved_run(args, "--runs", args.runs[0]) | {"output": args.output})
