@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
+    "DuplicateKeyError",
     "apply_reduction",
     "check_choice",
     "check_device",
@@ -51,6 +52,7 @@ __all__ = [
     "is_real_number",
     "keyword_hints",
     "moved_names",
+    "unique_keys",
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -536,3 +538,28 @@ def _hinted(fn: Callable[..., Any], renamed: Mapping[str, str], note: str) -> Ca
             raise
 
     return wrapper
+
+
+class DuplicateKeyError(Exception):
+    """A JSON object with the same key twice (raised by :func:`unique_keys`); ``key`` names it."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json`` object hook: a repeated key would silently keep only its last value.
+
+    >>> import json
+    >>> json.loads('{"a": 1, "a": 2}', object_pairs_hook=unique_keys)
+    Traceback (most recent call last):
+    ...
+    robustft._checks.DuplicateKeyError: a
+    """
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(key)
+        out[key] = value
+    return out

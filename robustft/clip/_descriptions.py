@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustft._checks import check_choice, describe, fmt_keys
+from robustft._checks import DuplicateKeyError, check_choice, describe, fmt_keys, unique_keys
 from robustft._numerics import compute_dtype
 from robustft.clip._common import (
     Tokenizer,
@@ -107,22 +107,6 @@ def _check_descriptions(
     return names, [table[c] for c in names]
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``json`` object hook: a repeated key would silently keep only its last value."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKeyError(key)
-        out[key] = value
-    return out
-
-
-class _DuplicateKeyError(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
 def load_descriptions(
     path: str | os.PathLike[str],
     classnames: Sequence[str],
@@ -187,8 +171,8 @@ def load_descriptions(
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
     try:
-        data = json.loads(text, object_pairs_hook=_unique_keys)
-    except _DuplicateKeyError as err:
+        data = json.loads(text, object_pairs_hook=unique_keys)
+    except DuplicateKeyError as err:
         raise ValueError(
             f"{fn}: {where}keys must be unique, got {err.key!r} more than once"
         ) from None

@@ -16,23 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from robustft._checks import describe
+from robustft._checks import DuplicateKeyError, describe, unique_keys
 from robustft.recipes._config_rules import _show
 
 __all__ = ["load_config_file", "text_lines"]
-
-
-class _DuplicateKeyError(Exception):
-    """A JSON object with the same key twice."""
-
-
-def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKeyError(key)
-        out[key] = value
-    return out
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -96,12 +83,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 def _parse_json(where: str, text: str) -> Any:
     try:
-        return json.loads(text, object_pairs_hook=_unique_pairs)
+        return json.loads(text, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as err:
         raise ValueError(
             f"{where} is not valid JSON: line {err.lineno}, column {err.colno}: {err.msg}"
         ) from None
-    except _DuplicateKeyError as err:
+    except DuplicateKeyError as err:
         raise ValueError(
             f"{where} has the key {err.args[0]!r} twice in one object; keep one"
         ) from None
