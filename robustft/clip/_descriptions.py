@@ -12,18 +12,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustft._checks import DuplicateKeyError, check_choice, describe, fmt_keys, unique_keys
-from robustft._numerics import compute_dtype
 from robustft.clip._common import (
     Tokenizer,
-    call_method,
     check_batch_size,
     check_classnames,
     check_model,
     check_params,
-    eval_mode,
-    model_device,
     unwrap,
 )
+from robustft.clip._heads import encode_texts
 from robustft.typing import Params
 
 __all__ = ["DescriptionBank", "description_bank", "description_head", "load_descriptions"]
@@ -227,18 +224,13 @@ def _encode(
         raise TypeError(f"{fn}: tokenizer must be callable on a list of str, got {tokenizer!r}")
     tree = check_params(fn, inner, params)
     flat = [(c, k, text) for c, texts in enumerate(table) for k, text in enumerate(texts)]
-    device = model_device(inner)
 
     def stream() -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        with torch.no_grad(), eval_mode(inner):
-            for start in range(0, len(flat), batch_size):
-                chunk = flat[start : start + batch_size]
-                tokens = tokenizer([text for _, _, text in chunk]).to(device)
-                feats = call_method(inner, "encode_text", tree, tokens)
-                feats = F.normalize(feats.to(compute_dtype(feats.dtype)), dim=-1)
-                cls = torch.tensor([c for c, _, _ in chunk], device=feats.device)
-                pos = torch.tensor([k for _, k, _ in chunk], device=feats.device)
-                yield cls, pos, feats
+        texts = [text for _, _, text in flat]
+        for idx, feats in encode_texts(inner, tree, tokenizer, texts, batch_size):
+            cls = torch.tensor([flat[i][0] for i in idx], device=feats.device)
+            pos = torch.tensor([flat[i][1] for i in idx], device=feats.device)
+            yield cls, pos, feats
 
     return [len(texts) for texts in table], stream()
 

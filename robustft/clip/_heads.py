@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,29 @@ from robustft.clip._common import (
 from robustft.typing import Params
 
 __all__ = ["context_prototypes", "zero_shot_head"]
+
+
+def encode_texts(
+    model: nn.Module,
+    tree: Params | None,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    batch_size: int,
+) -> Iterator[tuple[range, Tensor]]:
+    """``(positions, L2-normalised features)`` of ``texts``, ``batch_size`` at a time, in order.
+
+    Under :func:`torch.no_grad` and in eval mode (each submodule's flag restored after), with
+    ``tree`` swapped in; features in :func:`compute_dtype` of the model's output (at least
+    float32). Only one batch of activations is alive at once. ``model`` is unwrapped and the
+    arguments checked by the caller.
+    """
+    device = model_device(model)
+    with torch.no_grad(), eval_mode(model):
+        for start in range(0, len(texts), batch_size):
+            idx = range(start, min(start + batch_size, len(texts)))
+            tokens = tokenizer([texts[i] for i in idx]).to(device)
+            feats = call_method(model, "encode_text", tree, tokens)
+            yield idx, F.normalize(feats.to(compute_dtype(feats.dtype)), dim=-1)
 
 
 def _grouped_text_means(
@@ -52,22 +75,15 @@ def _grouped_text_means(
         raise TypeError(f"{fn}: tokenizer must be callable on a list of str, got {tokenizer!r}")
     tree = check_params(fn, model, params)
     n_cls, n_tpl = len(names), len(fills)
-    total = n_cls * n_tpl
-    device = model_device(model)
+    texts = [fills[i % n_tpl](names[i // n_tpl]) for i in range(n_cls * n_tpl)]
     sums: Tensor | None = None
-    with torch.no_grad(), eval_mode(model):
-        for start in range(0, total, batch_size):
-            idx = range(start, min(start + batch_size, total))
-            texts = [fills[i % n_tpl](names[i // n_tpl]) for i in idx]
-            tokens = tokenizer(texts).to(device)
-            feats = call_method(model, "encode_text", tree, tokens)
-            if sums is None:
-                dtype = compute_dtype(feats.dtype)
-                sums = feats.new_zeros(n_cls if by_class else n_tpl, feats.shape[-1], dtype=dtype)
-            group = torch.tensor(
-                [i // n_tpl if by_class else i % n_tpl for i in idx], device=feats.device
-            )
-            sums.index_add_(0, group, F.normalize(feats.to(sums.dtype), dim=-1))
+    for idx, feats in encode_texts(model, tree, tokenizer, texts, batch_size):
+        if sums is None:
+            sums = feats.new_zeros(n_cls if by_class else n_tpl, feats.shape[-1])
+        group = torch.tensor(
+            [i // n_tpl if by_class else i % n_tpl for i in idx], device=feats.device
+        )
+        sums.index_add_(0, group, feats)
     assert sums is not None  # total >= 1 was checked above
     return F.normalize(sums / (n_tpl if by_class else n_cls), dim=-1)
 
