@@ -339,6 +339,37 @@ def _clipood(ctx: Context) -> Method:
     return Method(module, loss, _export_classifier)
 
 
+def _captions(ctx: Context, name: str) -> Callable[[Batch, int], Tensor]:
+    """``(batch, step) -> [batch, context]`` each image's caption token ids: its class name in a
+    template picked per sample, a hash of (seed, step, sample): rank- and resume-independent."""
+    templates = check_templates(name, ctx.templates)
+    captions = torch.stack([ctx.tokenizer([t(c) for c in ctx.classnames]) for t in templates])
+    seed = ctx.config.seed
+
+    def tokens(batch: Batch, step: int) -> Tensor:
+        images, labels, indices = batch
+        which = (indices * 2654435761 + step * 40503 + seed) % len(templates)
+        return captions.to(images.device)[which, labels]
+
+    return tokens
+
+
+def _contrastive_export(ctx: Context) -> Callable[[nn.Module], dict[str, Tensor]]:
+    """The classifier of a :class:`ContrastiveCLIP`: its image tower and the head re-encoded by
+    its text tower (from ``--descriptions`` if given, else the templates)."""
+
+    def export(net: nn.Module) -> dict[str, Tensor]:
+        text = _TextThrough(net)  # the text tower through the module's forward: FSDP2 unshards it
+        with torch.no_grad():
+            if ctx.descriptions is None:
+                head = clip.zero_shot_head(text, ctx.tokenizer, ctx.classnames, ctx.templates)
+            else:
+                head = clip.description_head(text, ctx.tokenizer, ctx.descriptions, ctx.classnames)
+        return {**_visual_tree(visual_tower(unwrap(net).get_submodule("model"))), "head": head}
+
+    return export
+
+
 def _contrastive(ctx: Context, *, multi_positive: bool) -> Method:
     r"""FLYP (``multi_positive=False``) or R-Adapter's MPM-NCE (``True``) on templated captions.
 
@@ -351,17 +382,12 @@ def _contrastive(ctx: Context, *, multi_positive: bool) -> Method:
     CLIP, the paper's :math:`\tau = 0.01`).
     """
     module = ContrastiveCLIP(ctx.model)
-    name = "r-adapter" if multi_positive else "flyp"
-    templates = check_templates(name, ctx.templates)
-    captions = torch.stack([ctx.tokenizer([t(c) for c in ctx.classnames]) for t in templates])
-    seed, group, config = ctx.config.seed, ctx.group, ctx.config
+    captions = _captions(ctx, "r-adapter" if multi_positive else "flyp")
+    group, config = ctx.group, ctx.config
 
     def loss(net: nn.Module, batch: Batch, step: int) -> Tensor:
-        images, labels, indices = batch
-        # a caption template per sample, a hash of (seed, step, sample): rank- and resume-independent
-        which = (indices * 2654435761 + step * 40503 + seed) % len(templates)
-        tokens = captions.to(images.device)[which, labels]
-        f, t, scale = net(images, tokens)
+        images, labels, _ = batch
+        f, t, scale = net(images, captions(batch, step))
         if not multi_positive:
             return losses.clip_contrastive(f.float(), t.float(), logit_scale=scale, group=group)
         return losses.clip_contrastive(
@@ -374,16 +400,7 @@ def _contrastive(ctx: Context, *, multi_positive: bool) -> Method:
             group=group,
         )
 
-    def export(net: nn.Module) -> dict[str, Tensor]:
-        text = _TextThrough(net)  # the text tower through the module's forward: FSDP2 unshards it
-        with torch.no_grad():
-            if ctx.descriptions is None:
-                head = clip.zero_shot_head(text, ctx.tokenizer, ctx.classnames, ctx.templates)
-            else:
-                head = clip.description_head(text, ctx.tokenizer, ctx.descriptions, ctx.classnames)
-        return {**_visual_tree(visual_tower(unwrap(net).get_submodule("model"))), "head": head}
-
-    return Method(module, loss, export)
+    return Method(module, loss, _contrastive_export(ctx))
 
 
 class _TextThrough(nn.Module):
@@ -437,9 +454,8 @@ def _tracer(ctx: Context) -> Method:
             f"{ctx.config.average}"
         )
     module = ContrastiveCLIP(ctx.model)
-    templates = check_templates("tracer", ctx.templates)
-    captions = torch.stack([ctx.tokenizer([t(c) for c in ctx.classnames]) for t in templates])
-    seed, group, config = ctx.config.seed, ctx.group, ctx.config
+    captions = _captions(ctx, "tracer")
+    group, config = ctx.group, ctx.config
     weight = config.reg_weight if config.reg_weight is not None else 0.0
     holder: dict[str, Mapping[str, Tensor]] = {}
     w = TRACER_VIEWS
@@ -448,9 +464,8 @@ def _tracer(ctx: Context) -> Method:
         holder["average"] = average
 
     def loss(net: nn.Module, batch: Batch, step: int) -> Tensor:
-        images, labels, indices = batch
-        which = (indices * 2654435761 + step * 40503 + seed) % len(templates)
-        tokens = captions.to(images.device)[which, labels]
+        images = batch[0]
+        tokens = captions(batch, step)
         f, t, scale = net(images, tokens)
         f, t = f.float(), t.float()
         total = losses.clip_contrastive(f, t, logit_scale=scale, group=group)
@@ -489,16 +504,7 @@ def _tracer(ctx: Context) -> Method:
         )  # fmt: skip
         return total + weight * views
 
-    def export(net: nn.Module) -> dict[str, Tensor]:
-        text = _TextThrough(net)
-        with torch.no_grad():
-            if ctx.descriptions is None:
-                head = clip.zero_shot_head(text, ctx.tokenizer, ctx.classnames, ctx.templates)
-            else:
-                head = clip.description_head(text, ctx.tokenizer, ctx.descriptions, ctx.classnames)
-        return {**_visual_tree(visual_tower(unwrap(net).get_submodule("model"))), "head": head}
-
-    return Method(module, loss, export, on_average=on_average)
+    return Method(module, loss, _contrastive_export(ctx), on_average=on_average)
 
 
 def _clip_lora(ctx: Context) -> Method:
