@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustft._checks import describe
-from robustft.peft._spec import Spec, Target
-from robustft.peft._trees import _check_spec, _checked, _updates
+from robustft.peft._spec import Spec, Target, is_factor
+from robustft.peft._trees import _bias_name, _check_spec, _checked, _updates
 from robustft.typing import Params
 
 __all__ = ["attach_", "attached", "fold_"]
@@ -64,36 +64,48 @@ def _gates(spec: Spec, mod: nn.Module, targets: list[Target], like: Tensor) -> d
     }
 
 
-def _live(root: nn.Module, targets: list[Target]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """The current (possibly FSDP-unsharded) factor and base tensors of ``targets``."""
+Slots = dict[str, tuple[nn.Module, str]]
+"""Where each tensor of some targets lives: ``{name: (owning module, attribute)}``."""
+
+
+def _slots(root: nn.Module, targets: list[Target]) -> Slots:
+    """The owners of ``targets``' weights, biases and factors, looked up once (FSDP2 swaps the
+    tensors in and out of these modules, never the modules themselves)."""
+    out: Slots = {}
+    for t in targets:
+        owner = root.get_submodule(_split_name(t.weight)[0])
+        out[t.weight] = (owner, _split_name(t.weight)[1])
+        if t.weight.endswith("weight"):
+            bias = _bias_name(t.weight)
+            if owner._parameters.get(_split_name(bias)[1]) is not None:
+                out[bias] = (owner, _split_name(bias)[1])
+        for key in t.keys.values():
+            out[key] = (owner, _split_name(key)[1])
+    return out
+
+
+def _live(slots: Slots) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The current (possibly FSDP-unsharded) factor and base tensors of ``slots``."""
     factors: dict[str, Tensor] = {}
     base: dict[str, Tensor] = {}
-    for t in targets:
-        owner_path, attr = _split_name(t.weight)
-        owner = root.get_submodule(owner_path)
-        base[t.weight] = owner._parameters[attr]  # type: ignore[assignment]
-        bias = attr[: -len("weight")] + "bias" if attr.endswith("weight") else None
-        if bias is not None and owner._parameters.get(bias) is not None:
-            base[f"{owner_path}.{bias}" if owner_path else bias] = owner._parameters[bias]  # type: ignore[assignment]
-        for key in t.keys.values():
-            _, fattr = _split_name(key)
-            factors[key] = owner._parameters[fattr]  # type: ignore[assignment]
+    for name, (owner, attr) in slots.items():
+        (factors if is_factor(name) else base)[name] = owner._parameters[attr]  # type: ignore[assignment]
     return factors, base
 
 
 def _swap_hooks(root: nn.Module, spec: Spec, hook: nn.Module, targets: list[Target]) -> list[Any]:
     """Forward pre-/post-hooks that put :math:`W'` in place of :math:`W` during ``hook``'s forward."""
     saved: list[tuple[nn.Module, str, Any]] = []
+    slots = _slots(root, targets)
 
     def pre(mod: nn.Module, args: Any) -> None:
-        factors, base = _live(root, targets)
+        factors, base = _live(slots)
         gates = None
         if spec.drop > 0 and mod.training:
             gates = _gates(spec, mod, targets, next(iter(base.values())))
         updates = _updates(spec, targets, factors, base, gates)
         for name, d in updates.items():
-            owner_path, attr = _split_name(name)
-            owner = root.get_submodule(owner_path)
+            owner, attr = slots[name]
             saved.append((owner, attr, owner._parameters[attr]))
             owner._parameters[attr] = base[name] + d  # type: ignore[assignment]
 
@@ -117,9 +129,10 @@ def _branch(spec: Spec, x: Tensor, a: Tensor, b: Tensor, training: bool) -> Tens
 
 def _linear_hook(root: nn.Module, spec: Spec, hook: nn.Module, target: Target) -> list[Any]:
     """CLIP-LoRA's branch on an ``nn.Linear``: ``y = Wx + b + s B A drop(x)``."""
+    slots = _slots(root, [target])
 
     def post(mod: nn.Module, args: Any, output: Tensor) -> Tensor:
-        factors, _ = _live(root, [target])
+        factors, _ = _live(slots)
         a, b = factors[target.keys["lora_A"]], factors[target.keys["lora_B"]]
         return output + _branch(spec, args[0], a, b, mod.training).to(output.dtype)
 
@@ -133,6 +146,8 @@ def _attention_forward(
     dropout) on the q/k/v in-projection and ``out_proj``, as CLIP-LoRA's attention does."""
     in_target = next((t for t in targets if t.weight.endswith("in_proj_weight")), None)
     out_target = next((t for t in targets if t.weight.endswith("out_proj.weight")), None)
+    in_slots = _slots(root, [in_target]) if in_target is not None else {}
+    out_slots = _slots(root, [out_target]) if out_target is not None else {}
 
     def forward(
         query: Tensor,
@@ -164,7 +179,7 @@ def _attention_forward(
         k = F.linear(key, wk, bk)
         v = F.linear(value, wv, bv)
         if in_target is not None:
-            factors, _ = _live(root, [in_target])
+            factors, _ = _live(in_slots)
             if in_target.blocks is None:
                 a, b = factors[in_target.keys["lora_A"]], factors[in_target.keys["lora_B"]]
                 bs = b.chunk(3)
@@ -201,7 +216,7 @@ def _attention_forward(
         out = out.permute(2, 0, 1, 3).reshape(length, n, e)
         proj = F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
         if out_target is not None:
-            factors, _ = _live(root, [out_target])
+            factors, _ = _live(out_slots)
             a, b = factors[out_target.keys["lora_A"]], factors[out_target.keys["lora_B"]]
             proj = proj + _branch(spec, out, a, b, training).to(proj.dtype)
         if not batched:
@@ -394,14 +409,15 @@ def fold_(module: nn.Module) -> dict[str, Tensor]:
         h.remove()
     for m in state.forwards:
         del m.forward
-    factors, base = _live(module, state.targets)
+    slots = _slots(module, state.targets)
+    factors, base = _live(slots)
     with torch.no_grad():
         updates = _updates(state.spec, state.targets, factors, base, None)
         for name, d in updates.items():
             base[name].add_(d)
     out = {k: v.detach().clone() for k, v in factors.items()}
     for key in factors:
-        owner_path, attr = _split_name(key)
-        delattr(module.get_submodule(owner_path), attr)
+        owner, attr = slots[key]
+        delattr(owner, attr)
     delattr(module, _STATE)
     return out
